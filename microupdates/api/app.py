@@ -1,0 +1,75 @@
+"""The FastAPI application: operator API under /api/v1, device API under /device/v1."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from microupdates import __version__
+from microupdates.api.deps import ApiState
+from microupdates.api.device_jobs import DeviceJobs
+from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.routes import deployments, device_agent, devices, updates
+from microupdates.artifact_store import ArtifactStore
+from microupdates.db.session import Database
+from microupdates.errors import ConflictError, InvalidRequestError, NotFoundError
+from microupdates.protocol.device_api import DEVICE_API_PREFIX
+from microupdates.settings import ServerSettings
+from microupdates.temporal_client import connect_temporal
+
+logger = logging.getLogger(__name__)
+
+OPERATOR_API_PREFIX = "/api/v1"
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        database = Database(settings.resolved_database_url())
+        database.create_schema()
+        temporal = await connect_temporal(settings)
+        notifier = JobNotifier(database)
+        await notifier.start()
+        app.state.api = ApiState(
+            settings=settings,
+            database=database,
+            temporal=temporal,
+            notifier=notifier,
+            device_jobs=DeviceJobs(database, temporal, notifier),
+            artifacts=ArtifactStore(settings.resolved_artifact_dir()),
+        )
+        logger.info("API ready; Temporal at %s, task queue %s", settings.temporal_address, settings.task_queue)
+        yield
+        await notifier.stop()
+        database.dispose()
+
+    app = FastAPI(
+        title="microupdates",
+        version=__version__,
+        description="Ship application updates to fleets of Linux edge devices.",
+        lifespan=lifespan,
+    )
+    app.include_router(devices.router, prefix=OPERATOR_API_PREFIX)
+    app.include_router(updates.router, prefix=OPERATOR_API_PREFIX)
+    app.include_router(deployments.router, prefix=OPERATOR_API_PREFIX)
+    app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
+    register_error_handlers(app)
+
+    @app.get("/healthz", tags=["health"])
+    def read_health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    statuses = {NotFoundError: 404, ConflictError: 409, InvalidRequestError: 422}
+    for error_type, status_code in statuses.items():
+
+        def handle(request: Request, error: Exception, status_code: int = status_code) -> JSONResponse:
+            return JSONResponse(status_code=status_code, content={"detail": str(error)})
+
+        app.add_exception_handler(error_type, handle)

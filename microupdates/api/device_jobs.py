@@ -1,0 +1,186 @@
+"""Handing stage jobs to devices and completing the waiting activities with their reports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from temporalio.client import AsyncActivityCancelledError, Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from microupdates.api.job_notifier import JobNotifier
+from microupdates.db import deployments as deployment_store
+from microupdates.db import jobs as job_store
+from microupdates.db.models import StageJob as StageJobRow
+from microupdates.db.session import Database
+from microupdates.errors import ConflictError
+from microupdates.protocol.device_api import CheckInResponse, ProgressResponse, StageJob, StageReport
+from microupdates.protocol.recipe import Recipe
+from microupdates.workflows.contracts import StageOutcome
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 10
+MAX_OUTCOME_ERROR_CHARS = 1000
+
+
+class DeviceJobs:
+    def __init__(self, database: Database, client: Client, notifier: JobNotifier) -> None:
+        self.database = database
+        self.client = client
+        self.notifier = notifier
+        self._recipes: dict[str, Recipe] = {}
+
+    async def check_in(self, device_id: str, wait_seconds: int) -> CheckInResponse:
+        """Return the device's next job, waiting up to `wait_seconds` for one to be queued."""
+
+        event = self.notifier.register(device_id)
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                job = await self._take_next_job(device_id)
+                if job is not None:
+                    return CheckInResponse(job=job)
+
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return CheckInResponse()
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return CheckInResponse()
+                event.clear()
+        finally:
+            self.notifier.unregister(device_id, event)
+
+    async def _take_next_job(self, device_id: str) -> StageJob | None:
+        while True:
+            row = await asyncio.to_thread(self._claim_next_row, device_id)
+            if row is None:
+                return None
+
+            handle = self.client.get_async_activity_handle(task_token=row.task_token)
+            if row.stage == job_store.CHECK_IN_STAGE:
+                await self._complete(handle, row, None)
+                continue
+
+            try:
+                await handle.heartbeat()
+            except (RPCError, AsyncActivityCancelledError) as error:
+                logger.info("Job %d of device %s is no longer active (%s); skipping it", row.id, device_id, error)
+                await asyncio.to_thread(self._write, job_store.expire_job, row.id)
+                continue
+
+            await asyncio.to_thread(
+                self._write, deployment_store.mark_device_stage, row.deployment_id, device_id, row.stage
+            )
+            logger.info("Job %d (%s of deployment %s) handed to device %s", row.id, row.stage, row.deployment_id,
+                        device_id)
+            return await asyncio.to_thread(self._build_job, row)
+
+    def _claim_next_row(self, device_id: str) -> StageJobRow | None:
+        with self.database.session() as session:
+            row = job_store.next_queued_job(session, device_id)
+            if row is None:
+                return None
+            if not job_store.mark_job_running(session, row.id):
+                return None
+            session.expunge(row)
+            return row
+
+    def _write(self, function, *args) -> None:
+        with self.database.session() as session:
+            function(session, *args)
+
+    async def _complete(self, handle, row: StageJobRow, outcome: StageOutcome | None) -> None:
+        """Complete the activity; one that is already completed or timed out is left as it is."""
+
+        try:
+            await handle.complete(outcome)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            logger.info("Job %d: activity %s of %s had already ended", row.id, row.activity_id, row.workflow_id)
+        if outcome is None:
+            await asyncio.to_thread(self._write, job_store.mark_job_reported, row.id, {"status": "succeeded"})
+
+    def _build_job(self, row: StageJobRow) -> StageJob:
+        recipe = self._load_recipe(row.deployment_id)
+        job = StageJob(
+            job_id=row.id,
+            deployment_id=row.deployment_id,
+            device_id=row.device_id,
+            update_version=recipe.version,
+            stage=row.stage,
+            progress_interval_seconds=PROGRESS_INTERVAL_SECONDS,
+        )
+        if row.stage == "before":
+            job.command = recipe.before
+        elif row.stage == "after":
+            job.command = recipe.after
+        elif row.stage == "files":
+            job.files = recipe.files
+        elif row.stage == "dependencies":
+            job.dependencies = recipe.dependencies
+        return job
+
+    def _load_recipe(self, deployment_id: str) -> Recipe:
+        # Updates never change after creation, so their recipes are cached per process.
+        with self.database.session() as session:
+            update_id = deployment_store.load_deployment(session, deployment_id).update_id
+            if update_id not in self._recipes:
+                self._recipes[update_id] = deployment_store.load_recipe(session, update_id)
+        return self._recipes[update_id]
+
+    async def report_progress(self, device_id: str, job_id: int) -> ProgressResponse:
+        row = await asyncio.to_thread(self._load_job, device_id, job_id)
+        if row.state != "running":
+            raise ConflictError(f"Job {job_id} is {row.state}, not running; stop it.")
+        handle = self.client.get_async_activity_handle(task_token=row.task_token)
+        try:
+            await handle.heartbeat()
+        except AsyncActivityCancelledError:
+            return ProgressResponse(abort=True)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            await asyncio.to_thread(self._write, job_store.expire_job, row.id)
+            raise ConflictError(f"Job {job_id} has ended on the server (timed out); stop it.") from error
+        return ProgressResponse()
+
+    async def report_result(self, device_id: str, job_id: int, report: StageReport) -> str:
+        """Store the device's report and complete the activity; a repeated report changes nothing."""
+
+        row = await asyncio.to_thread(self._load_job, device_id, job_id)
+        if row.state == "expired":
+            raise ConflictError(f"Job {job_id} had already ended on the server (timed out); its report was not used.")
+        if row.state == "queued":
+            raise ConflictError(f"Job {job_id} was never handed to this device; check in first.")
+
+        first_report = await asyncio.to_thread(self._store_report, row.id, report)
+        if not first_report:
+            row = await asyncio.to_thread(self._load_job, device_id, job_id)
+            report = StageReport.model_validate(row.report)
+
+        outcome = StageOutcome(
+            status=report.status,
+            exit_code=report.exit_code,
+            duration_seconds=report.duration_seconds,
+            error=(report.error or "")[:MAX_OUTCOME_ERROR_CHARS] or None,
+        )
+        handle = self.client.get_async_activity_handle(task_token=row.task_token)
+        await self._complete(handle, row, outcome)
+        logger.info("Job %d (%s of deployment %s) on device %s reported %s", row.id, row.stage,
+                    row.deployment_id, device_id, report.status)
+        return "recorded" if first_report else "already recorded"
+
+    def _store_report(self, job_id: int, report: StageReport) -> bool:
+        with self.database.session() as session:
+            return job_store.mark_job_reported(session, job_id, report.model_dump(mode="json"))
+
+    def _load_job(self, device_id: str, job_id: int) -> StageJobRow:
+        with self.database.session() as session:
+            row = job_store.load_device_job(session, job_id, device_id)
+            session.expunge(row)
+            return row

@@ -1,0 +1,84 @@
+"""The device API: enrolment, long-polling check-in, progress, stage reports and artifact downloads."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, HTTPException, status
+from fastapi.responses import FileResponse
+
+from microupdates.api.deps import CurrentDevice, State
+from microupdates.db import devices as device_store
+from microupdates.db.models import Device
+from microupdates.protocol.device_api import (
+    CheckInRequest,
+    CheckInResponse,
+    EnrolRequest,
+    EnrolResponse,
+    ProgressReport,
+    ProgressResponse,
+    StageReport,
+    StageReportResponse,
+)
+from microupdates.api.schemas import check_label
+
+router = APIRouter(tags=["device agent"])
+
+
+@router.post("/enrol", status_code=status.HTTP_201_CREATED, response_model=EnrolResponse)
+def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
+    """Register a device that presents a fleet enrolment key; the token is returned once."""
+
+    try:
+        device_id = check_label(body.device_name)
+        tags = [check_label(tag) for tag in body.tags]
+    except ValueError as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"device_name or tags: {error}") from error
+
+    with state.database.session() as session:
+        token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
+    return EnrolResponse(device_id=device_id, device_token=token, groups=groups)
+
+
+@router.post("/check-in", response_model=CheckInResponse)
+async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) -> CheckInResponse:
+    """Return the device's next stage job, holding the request open up to `wait_seconds` for one."""
+
+    def mark_seen() -> None:
+        with state.database.session() as session:
+            row = session.get(Device, device.id)
+            if row is not None:
+                device_store.mark_device_seen(session, row, body.agent_version)
+
+    await asyncio.to_thread(mark_seen)
+    return await state.device_jobs.check_in(device.id, body.wait_seconds)
+
+
+@router.post("/jobs/{job_id}/progress", response_model=ProgressResponse)
+async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevice, state: State) -> ProgressResponse:
+    """Keep a running stage alive; the answer tells the device whether to abort it."""
+
+    return await state.device_jobs.report_progress(device.id, job_id)
+
+
+@router.post("/jobs/{job_id}/report", response_model=StageReportResponse)
+async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, state: State) -> StageReportResponse:
+    """Record a stage's result; sending the same report again is accepted and changes nothing."""
+
+    detail = await state.device_jobs.report_result(device.id, job_id, body)
+    return StageReportResponse(accepted=True, detail=detail)
+
+
+@router.get("/artifacts/{sha256}")
+def download_artifact(sha256: str, device: CurrentDevice, state: State) -> FileResponse:
+    """Serve an uploaded file; HTTP Range requests let an interrupted download resume."""
+
+    # NOTE: any enrolled device may download any artifact; limiting downloads
+    # to the artifacts of the device's own jobs is not enforced yet.
+    try:
+        path = state.artifacts.path_for(sha256)
+    except ValueError as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256!r} not found.") from error
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256} not found.")
+    return FileResponse(path, media_type="application/octet-stream")

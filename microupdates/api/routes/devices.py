@@ -1,0 +1,57 @@
+"""Operator routes for the device registry and fleet enrolment keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from microupdates.api.deps import State
+from microupdates.api.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DevicePublic,
+    EnrolmentKeyCreate,
+    EnrolmentKeyCreated,
+)
+from microupdates.db import devices as device_store
+
+router = APIRouter(tags=["devices"])
+
+
+@router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated)
+def register_device(body: DeviceCreate, state: State) -> DeviceCreated:
+    with state.database.session() as session:
+        token = device_store.register_device(session, body.name, body.groups, body.tags)
+    return DeviceCreated(id=body.name, token=token)
+
+
+@router.get("/devices", response_model=list[DevicePublic])
+def list_devices(
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="Return devices whose id sorts after this one.")] = None,
+) -> list[DevicePublic]:
+    with state.database.session() as session:
+        views = device_store.list_device_views(session, limit, after)
+    return [DevicePublic(**view.__dict__) for view in views]
+
+
+@router.get("/devices/{device_id}", response_model=DevicePublic)
+def read_device(device_id: str, state: State) -> DevicePublic:
+    with state.database.session() as session:
+        view = device_store.load_device_view(session, device_id)
+    return DevicePublic(**view.__dict__)
+
+
+@router.delete("/devices/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+def remove_device(device_id: str, state: State) -> None:
+    with state.database.session() as session:
+        device_store.remove_device(session, device_id)
+
+
+@router.post("/enrolment-keys", status_code=status.HTTP_201_CREATED, response_model=EnrolmentKeyCreated)
+def create_enrolment_key(body: EnrolmentKeyCreate, state: State) -> EnrolmentKeyCreated:
+    with state.database.session() as session:
+        key = device_store.create_enrolment_key(session, body.group)
+    return EnrolmentKeyCreated(key=key, group=body.group)

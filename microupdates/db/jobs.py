@@ -1,0 +1,132 @@
+"""Stage jobs: the queue between the worker's activities and the devices' check-ins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from microupdates.db.models import StageJob, utc_now
+from microupdates.errors import NotFoundError
+
+CHECK_IN_STAGE = "check_in"
+
+
+def queue_stage_job(
+    session: Session,
+    *,
+    deployment_id: str,
+    device_id: str,
+    stage: str,
+    workflow_id: str,
+    activity_id: str,
+    task_token: bytes,
+    attempt: int,
+) -> StageJob:
+    """Insert the job for an activity attempt, or refresh its token when the attempt is retried."""
+
+    job = session.scalars(
+        select(StageJob).where(StageJob.workflow_id == workflow_id, StageJob.activity_id == activity_id)
+    ).first()
+    if job is None:
+        job = StageJob(
+            deployment_id=deployment_id,
+            device_id=device_id,
+            stage=stage,
+            workflow_id=workflow_id,
+            activity_id=activity_id,
+            task_token=task_token,
+            attempt=attempt,
+        )
+        session.add(job)
+    else:
+        job.task_token = task_token
+        job.attempt = attempt
+        job.state = "queued"
+        job.picked_up_at = None
+        job.reported_at = None
+        job.report = None
+    session.flush()
+    return job
+
+
+def next_queued_job(session: Session, device_id: str) -> StageJob | None:
+    return session.scalars(
+        select(StageJob)
+        .where(StageJob.device_id == device_id, StageJob.state == "queued")
+        .order_by(StageJob.id)
+        .limit(1)
+    ).first()
+
+
+def mark_job_running(session: Session, job_id: int) -> bool:
+    """Move a queued job to running; False when another request took it first."""
+
+    result = session.execute(
+        update(StageJob)
+        .where(StageJob.id == job_id, StageJob.state == "queued")
+        .values(state="running", picked_up_at=utc_now())
+    )
+    return result.rowcount == 1
+
+
+def mark_job_reported(session: Session, job_id: int, report: dict[str, Any]) -> bool:
+    """Store the report of a running job; False when a report was already stored."""
+
+    result = session.execute(
+        update(StageJob)
+        .where(StageJob.id == job_id, StageJob.state == "running")
+        .values(state="reported", reported_at=utc_now(), report=report)
+    )
+    return result.rowcount == 1
+
+
+def expire_job(session: Session, job_id: int) -> None:
+    session.execute(update(StageJob).where(StageJob.id == job_id).values(state="expired"))
+
+
+def expire_open_jobs(session: Session, deployment_id: str, device_id: str) -> int:
+    """Expire jobs of a finished device update so a late check-in never receives them."""
+
+    result = session.execute(
+        update(StageJob)
+        .where(
+            StageJob.deployment_id == deployment_id,
+            StageJob.device_id == device_id,
+            StageJob.state.in_(("queued", "running")),
+        )
+        .values(state="expired")
+    )
+    return result.rowcount
+
+
+def load_device_job(session: Session, job_id: int, device_id: str) -> StageJob:
+    """Load a job of this device; another device's job is reported as not found."""
+
+    job = session.get(StageJob, job_id)
+    if job is None or job.device_id != device_id:
+        raise NotFoundError(f"Job {job_id} not found.")
+    return job
+
+
+def list_device_jobs(session: Session, deployment_id: str, device_id: str) -> list[StageJob]:
+    return list(
+        session.scalars(
+            select(StageJob)
+            .where(StageJob.deployment_id == deployment_id, StageJob.device_id == device_id)
+            .order_by(StageJob.id)
+        )
+    )
+
+
+def job_ids_after(session: Session, last_id: int, limit: int) -> list[tuple[int, str]]:
+    rows = session.execute(
+        select(StageJob.id, StageJob.device_id).where(StageJob.id > last_id).order_by(StageJob.id).limit(limit)
+    )
+    return [(job_id, device_id) for job_id, device_id in rows]
+
+
+def max_job_id(session: Session) -> int:
+    value = session.scalar(select(StageJob.id).order_by(StageJob.id.desc()).limit(1))
+    return value or 0

@@ -1,0 +1,236 @@
+"""The agent's main loop: check in, run the stage it is given, report the result exactly once."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from microupdates import __version__
+from microupdates.device_agent.client import (
+    CredentialsRejectedError,
+    DeviceApiClient,
+    DeviceApiError,
+    JobGoneError,
+)
+from microupdates.device_agent.config import AgentConfig
+from microupdates.device_agent.journal import Journal
+from microupdates.device_agent.stages import StageContext, run_stage
+from microupdates.protocol.device_api import StageJob, StageReport
+
+logger = logging.getLogger(__name__)
+
+RETRY_MIN_SECONDS = 1.0
+DOWNLOAD_ATTEMPTS = 3
+
+
+class AgentStopped(Exception):
+    """Raised inside the loop when the agent was asked to stop."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, stop_event: Optional[threading.Event] = None) -> None:
+        self.config = config
+        self.stop_event = stop_event or threading.Event()
+        self.journal = Journal(config.state_dir)
+        self.artifact_dir = config.state_dir / "artifacts"
+        self.client = DeviceApiClient(config.server_url, verify=str(config.ca_file) if config.ca_file else True)
+
+    def run(self) -> None:
+        """Run until the stop event is set."""
+
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir.mkdir(exist_ok=True)
+        try:
+            self._ensure_credentials()
+            self._recover_journal()
+            self._poll_forever()
+        except AgentStopped:
+            logger.info("Agent stopped")
+        finally:
+            self.client.close()
+
+    def _ensure_credentials(self) -> None:
+        token = self.config.device_token or self.config.load_saved_token()
+        while token is None:
+            token = self._enrol()
+        self.client.device_token = token
+
+    def _enrol(self) -> Optional[str]:
+        if not self.config.enrolment_key or not self.config.device_name:
+            raise SystemExit(
+                "No device token: set device_token, or enrolment_key and device_name to enrol this device."
+            )
+        try:
+            response = self.client.enrol(self.config.enrolment_key, self.config.device_name, self.config.tags)
+        except DeviceApiError as error:
+            logger.warning("Enrolment of %s failed: %s", self.config.device_name, error)
+            self._sleep(self.config.retry_max_seconds)
+            return None
+        self.config.save_token(response.device_id, response.device_token)
+        logger.info("Enrolled as device %s in groups %s", response.device_id, response.groups)
+        return response.device_token
+
+    def _recover_journal(self) -> None:
+        entry = self.journal.read()
+        if entry is None:
+            return
+        job = StageJob.model_validate(entry["job"])
+        if entry["state"] == "running":
+            report = StageReport(
+                status="interrupted",
+                error="the agent restarted during the %s stage, so its outcome is unknown" % job.stage,
+            )
+            logger.warning("Job %d (%s) was interrupted by a restart; reporting it", job.job_id, job.stage)
+            self.journal.record_finished(job, report)
+        else:
+            report = StageReport.model_validate(entry["report"])
+        self._deliver_report(job, report)
+
+    def _poll_forever(self) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                response = self.client.check_in(__version__, self.config.long_poll_seconds)
+                failures = 0
+            except CredentialsRejectedError as error:
+                logger.error("The server rejected this device's token: %s", error)
+                failures += 1
+                self._sleep(self._backoff(failures))
+                continue
+            except DeviceApiError as error:
+                failures += 1
+                delay = self._backoff(failures)
+                logger.warning("Check-in failed (%s); retrying in %.0f s", error, delay)
+                self._sleep(delay)
+                continue
+
+            if response.job is not None:
+                self._run_job(response.job)
+
+    def _run_job(self, job: StageJob) -> None:
+        logger.info("Job %d: %s stage of deployment %s (update %s)", job.job_id, job.stage, job.deployment_id,
+                    job.update_version)
+        self.journal.record_started(job)
+
+        abort_event = threading.Event()
+        tail = OutputTail()
+        reporter = ProgressReporter(self.client, job, abort_event, tail)
+        reporter.start()
+        try:
+            context = StageContext(
+                device_root=str(self.config.device_root) if self.config.device_root else None,
+                open_artifact=self._open_artifact,
+                abort_event=abort_event,
+                extra_env={},
+                on_output=tail.add,
+            )
+            report = run_stage(job, context)
+        finally:
+            reporter.stop()
+        self._clear_artifacts()
+
+        self.journal.record_finished(job, report)
+        logger.info("Job %d: %s stage %s%s", job.job_id, job.stage, report.status,
+                    (": " + report.error) if report.error else "")
+        self._deliver_report(job, report)
+
+    def _deliver_report(self, job: StageJob, report: StageReport) -> None:
+        """Send the report until the server has it; the server ignores repeats, so retrying is safe."""
+
+        failures = 0
+        while True:
+            try:
+                self.client.report_stage(job.job_id, report)
+                break
+            except JobGoneError as error:
+                logger.warning("Job %d: the server no longer takes its report: %s", job.job_id, error)
+                break
+            except DeviceApiError as error:
+                failures += 1
+                delay = self._backoff(failures)
+                logger.warning("Job %d: report failed (%s); retrying in %.0f s", job.job_id, error, delay)
+                self._sleep(delay)
+        self.journal.clear()
+
+    def _open_artifact(self, sha256: str) -> str:
+        destination = self.artifact_dir / sha256
+        if destination.exists():
+            return str(destination)
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                self.client.download_artifact(sha256, destination)
+                return str(destination)
+            except DeviceApiError as error:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise
+                logger.warning("Download of %s failed (attempt %d): %s", sha256, attempt, error)
+                self._sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _clear_artifacts(self) -> None:
+        shutil.rmtree(self.artifact_dir, ignore_errors=True)
+        self.artifact_dir.mkdir(exist_ok=True)
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.config.retry_max_seconds, RETRY_MIN_SECONDS * 2 ** min(failures - 1, 10))
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop_event.wait(seconds):
+            raise AgentStopped()
+
+
+class OutputTail:
+    """The last bytes of a running stage's output, sent with progress reports."""
+
+    MAX_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._lock = threading.Lock()
+
+    def add(self, chunk: bytes) -> None:
+        with self._lock:
+            self._data = (self._data + chunk)[-self.MAX_BYTES:]
+
+    def text(self) -> str:
+        with self._lock:
+            return self._data.decode("utf-8", errors="backslashreplace")
+
+
+class ProgressReporter:
+    """Posts progress while a stage runs, and sets the abort event when the server asks for it."""
+
+    def __init__(self, client: DeviceApiClient, job: StageJob, abort_event: threading.Event, tail: OutputTail) -> None:
+        self.client = client
+        self.job = job
+        self.abort_event = abort_event
+        self.tail = tail
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-%d" % job.job_id, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.job.progress_interval_seconds):
+            try:
+                response = self.client.report_progress(self.job.job_id, self.tail.text())
+            except JobGoneError as error:
+                logger.warning("Job %d ended on the server (%s); stopping the stage", self.job.job_id, error)
+                self.abort_event.set()
+                return
+            except DeviceApiError as error:
+                logger.warning("Job %d: progress report failed: %s", self.job.job_id, error)
+                continue
+            if response.abort:
+                logger.warning("Job %d: the server asked to abort the stage", self.job.job_id)
+                self.abort_event.set()
+                return

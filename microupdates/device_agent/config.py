@@ -1,0 +1,96 @@
+"""Agent settings from a YAML or JSON file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from microupdates.protocol.device_api import DEFAULT_LONG_POLL_SECONDS, MAX_LONG_POLL_SECONDS
+
+CREDENTIALS_FILE = "credentials.json"
+DEFAULT_STATE_DIR = "/var/lib/microupdates-agent"
+
+
+class AgentConfigError(Exception):
+    """Raised when the configuration file or flags are invalid; the message names the setting."""
+
+
+class AgentConfig(BaseModel):
+    """Settings of one agent; `device_root` is for simulated devices and stays unset on real ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server_url: str
+    device_token: Optional[str] = None
+    enrolment_key: Optional[str] = None
+    device_name: Optional[str] = None
+    tags: List[str] = Field(default_factory=list)
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    device_root: Optional[Path] = None
+    long_poll_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
+    retry_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    ca_file: Optional[Path] = None
+
+    @field_validator("server_url")
+    @classmethod
+    def check_server_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, got %r" % value)
+        return value.rstrip("/")
+
+    @field_validator("device_root")
+    @classmethod
+    def check_device_root(cls, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not value.is_absolute():
+            value = value.resolve()
+        return value
+
+    def credentials_path(self) -> Path:
+        return self.state_dir / CREDENTIALS_FILE
+
+    def load_saved_token(self) -> Optional[str]:
+        try:
+            with open(self.credentials_path(), "r", encoding="utf-8") as handle:
+                return json.load(handle)["device_token"]
+        except FileNotFoundError:
+            return None
+
+    def save_token(self, device_id: str, token: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.credentials_path()
+        temporary = path.with_name(path.name + ".tmp")
+        descriptor = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump({"device_id": device_id, "device_token": token}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+
+def load_config(path: Optional[Path], overrides: dict) -> AgentConfig:
+    """Merge the file (if any) with flag values that are not None, and validate the result."""
+
+    values = {}
+    if path is not None:
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise AgentConfigError("cannot read the config file %s: %s" % (path, error)) from error
+        except yaml.YAMLError as error:
+            raise AgentConfigError("the config file %s is not valid YAML: %s" % (path, error)) from error
+        if not isinstance(loaded, dict):
+            raise AgentConfigError("the config file %s must hold a mapping of settings" % path)
+        values.update(loaded)
+
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return AgentConfig.model_validate(values)
+    except ValidationError as error:
+        problems = ["%s: %s" % (".".join(str(p) for p in e["loc"]) or "config", e["msg"]) for e in error.errors()]
+        raise AgentConfigError("invalid agent settings:\n" + "\n".join(problems)) from error

@@ -1,0 +1,62 @@
+"""The agent's journal on disk: which job is running and which result still has to be reported.
+
+Every change is written to a temporary file, fsynced and renamed over the
+journal, so a crash or power loss leaves either the old or the new content.
+After a restart the agent reads it to report an interrupted stage, or a
+finished stage whose report never got through, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from microupdates.protocol.device_api import StageJob, StageReport
+
+JOURNAL_FILE = "journal.json"
+
+
+class Journal:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / JOURNAL_FILE
+
+    def read(self) -> Optional[dict]:
+        """Return the open entry, or None when no job is in flight."""
+
+        try:
+            with open(self.path, "r", encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def record_started(self, job: StageJob) -> None:
+        self._write({"job": job.model_dump(mode="json"), "state": "running"})
+
+    def record_finished(self, job: StageJob, report: StageReport) -> None:
+        self._write({"job": job.model_dump(mode="json"), "state": "finished", "report": report.model_dump(mode="json")})
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fsync_directory(self.path.parent)
+
+    def _write(self, content: dict) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(content, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+        fsync_directory(self.path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    descriptor = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

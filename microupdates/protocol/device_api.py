@@ -1,0 +1,103 @@
+"""Messages between the device agent and the API's device endpoints.
+
+Flow: the agent posts a check-in and the API holds it open (long polling)
+until a stage job is queued for the device or the wait ends. While a job runs
+the agent posts progress reports, which keep the stage alive on the server.
+At the end it posts the result once; a retried post of the same result is
+accepted and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from microupdates.protocol.recipe import CommandStage, Dependencies, FileEntry
+
+DEVICE_API_PREFIX = "/device/v1"
+MAX_LONG_POLL_SECONDS = 60
+DEFAULT_LONG_POLL_SECONDS = 25
+MAX_REPORTED_OUTPUT_BYTES = 64 * 1024
+
+
+class WireModel(BaseModel):
+    """Base for protocol messages: unknown fields are ignored so either side can add fields first."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class EnrolRequest(WireModel):
+    enrolment_key: str
+    device_name: str
+    tags: List[str] = Field(default_factory=list)
+
+
+class EnrolResponse(WireModel):
+    device_id: str
+    device_token: str
+    groups: List[str]
+
+
+class CheckInRequest(WireModel):
+    agent_version: str
+    wait_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
+
+
+class StageJob(WireModel):
+    """One stage of one device's update, as the device runs it."""
+
+    job_id: int
+    deployment_id: str
+    device_id: str
+    update_version: str
+    stage: str
+    progress_interval_seconds: int
+    command: Optional[CommandStage] = None
+    files: List[FileEntry] = Field(default_factory=list)
+    dependencies: Optional[Dependencies] = None
+
+
+class CheckInResponse(WireModel):
+    job: Optional[StageJob] = None
+
+
+class ProgressReport(WireModel):
+    output_tail: str = ""
+
+
+class ProgressResponse(WireModel):
+    """`abort` tells the agent to stop the running stage."""
+
+    abort: bool = False
+
+
+class StepResult(WireModel):
+    """One command or file operation inside a stage."""
+
+    name: str
+    exit_code: Optional[int] = None
+    duration_seconds: float = 0.0
+    output: str = ""
+    output_truncated: bool = False
+    error: Optional[str] = None
+    interpreter: Optional[str] = None
+
+
+class StageReport(WireModel):
+    """The device's result of one stage.
+
+    `status` is `succeeded`, `failed` or `interrupted` (the agent restarted in
+    the middle of the stage). `error` says in one sentence why it failed.
+    """
+
+    status: str
+    exit_code: Optional[int] = None
+    duration_seconds: float = 0.0
+    error: Optional[str] = None
+    steps: List[StepResult] = Field(default_factory=list)
+
+
+class StageReportResponse(WireModel):
+    accepted: bool
+    detail: str = ""

@@ -1,0 +1,49 @@
+"""Settings of the server processes (API and worker), read from MICROUPDATES_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("var")
+TASK_QUEUE = "microupdates"
+
+
+class ServerSettings(BaseSettings):
+    """Settings shared by the API and the worker.
+
+    `database_url` selects the application database: a SQLite file by default,
+    or PostgreSQL (`postgresql+psycopg://...`) when several API or worker
+    processes run.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MICROUPDATES_", extra="ignore")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str = ""
+    artifact_dir: Path | None = None
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = TASK_QUEUE
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    temporal_connect_timeout_seconds: float = 60.0
+
+    @field_validator("database_url")
+    @classmethod
+    def check_database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"unsupported database URL {value!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            )
+        return value
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'microupdates.db').resolve()}"
+
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()

@@ -1,0 +1,126 @@
+"""Inputs and results of the workflows and activities, and the names that tie them together.
+
+Payloads carry ids and small summaries only. Recipes, device lists and stage
+output stay in the application database, so no payload grows with the fleet
+and no secret of a recipe lands in a workflow history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEPLOYMENT_WORKFLOW = "Deployment"
+DEVICE_UPDATE_WORKFLOW = "DeviceUpdate"
+
+START_DEPLOYMENT_ACTIVITY = "start_deployment"
+LIST_DEPLOYMENT_DEVICES_ACTIVITY = "list_deployment_devices"
+AWAIT_DEVICE_CHECK_IN_ACTIVITY = "await_device_check_in"
+RUN_DEVICE_STAGE_ACTIVITY = "run_device_stage"
+RECORD_DEVICE_OUTCOME_ACTIVITY = "record_device_outcome"
+FINISH_DEPLOYMENT_ACTIVITY = "finish_deployment"
+
+# Time allowed for an online device to pick up a queued stage, on top of the
+# stage's own timeout.
+STAGE_PICKUP_ALLOWANCE_SECONDS = 120
+
+
+def deployment_workflow_id(deployment_id: str) -> str:
+    return f"deployment-{deployment_id}"
+
+
+def device_workflow_id(deployment_id: str, device_id: str) -> str:
+    return f"deployment-{deployment_id}-device-{device_id}"
+
+
+@dataclass
+class DeploymentPlan:
+    """What the deployment workflow needs to know about the update, loaded once."""
+
+    update_id: str
+    update_version: str
+    stages: list[str]
+    stage_timeout_seconds: dict[str, int]
+    check_in_deadline_seconds: int
+    heartbeat_timeout_seconds: int
+    device_count: int
+
+
+@dataclass
+class DeploymentInput:
+    deployment_id: str
+    max_concurrent_devices: int = 500
+    # Carried across continue-as-new.
+    plan: DeploymentPlan | None = None
+    last_started_device_id: str | None = None
+    outcome_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DeploymentResult:
+    deployment_id: str
+    status: str
+    outcome_counts: dict[str, int]
+
+
+@dataclass
+class StartDeploymentInput:
+    deployment_id: str
+
+
+@dataclass
+class ListDeploymentDevicesInput:
+    deployment_id: str
+    after_device_id: str | None
+    limit: int
+
+
+@dataclass
+class DeviceUpdateInput:
+    deployment_id: str
+    device_id: str
+    plan: DeploymentPlan
+
+
+@dataclass
+class DeviceUpdateResult:
+    device_id: str
+    status: str
+    stage: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class StageJobInput:
+    deployment_id: str
+    device_id: str
+    stage: str
+
+
+@dataclass
+class StageOutcome:
+    """A device's report of one stage, reduced to what the workflow decides on."""
+
+    status: str
+    exit_code: int | None = None
+    duration_seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RecordDeviceOutcomeInput:
+    deployment_id: str
+    device_id: str
+    status: str
+    stage: str | None
+    error: str | None
+
+
+@dataclass
+class FinishDeploymentInput:
+    deployment_id: str
+
+
+@dataclass
+class FinishDeploymentResult:
+    status: str
+    outcome_counts: dict[str, int]
