@@ -33,6 +33,9 @@ from microupdates.protocol.recipe import (
     list_validation_problems,
 )
 
+# An estimate: 500 file entries, 200 packages per manager and three inline
+# commands of 64 KiB come to under 300 KiB of YAML. The limit stops a wrong
+# path from loading a large file.
 MAX_RECIPE_FILE_BYTES = 1024 * 1024
 
 # Changing the level changes the bytes, and so the digest, of every packed directory.
@@ -59,7 +62,7 @@ class RecipeError(Exception):
 class LoadedRecipe:
     """A validated recipe with its scripts read in, and where it came from.
 
-    `base_dir` is the absolute directory of the recipe file; relative
+    `base_dir` is the absolute directory of the recipe file, and relative
     `files[].source` paths are resolved against it.
     """
 
@@ -130,17 +133,18 @@ def find_child_node(node: yaml.Node, part: Union[str, int]) -> Optional[Tuple[in
 def load_recipe_file(path: PathLike) -> LoadedRecipe:
     """Load, validate and complete the recipe at `path`.
 
-    Raises RecipeError listing every problem found: YAML syntax, fields that
-    fail validation, script files that cannot be read, and file sources that
-    are missing, outside the recipe's directory or of the wrong kind.
+    The checks run in three steps: YAML syntax, then the Recipe model, then
+    the local script and source files. Raises RecipeError listing every
+    problem of the first step that finds any: scripts that cannot be read, and
+    sources that are missing, outside the recipe's directory or of the wrong kind.
     """
 
-    given = Path(path)
+    recipe_path = Path(path)
     label = str(path)
-    absolute = Path(os.path.abspath(given))
+    absolute = Path(os.path.abspath(recipe_path))
     base_dir = absolute.parent
 
-    text = read_recipe_text(given, label)
+    text = read_recipe_text(recipe_path, label)
     document = parse_recipe_document(text, label)
     recipe = validate_recipe(document)
 
@@ -174,7 +178,7 @@ def read_recipe_text(path: Path, label: str) -> str:
 
 
 def parse_recipe_document(text: str, label: str) -> RecipeDocument:
-    """Parse YAML text into data and nodes; the top level must be a mapping with unique keys."""
+    """Parse YAML text into data and nodes, and check that the top level is a mapping with unique keys."""
 
     loader = yaml.SafeLoader(text)
     try:
@@ -200,7 +204,7 @@ def describe_yaml_error(error: yaml.MarkedYAMLError, label: str) -> str:
     position = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label
 
     # PyYAML writes the context first ("expected a single document") and the
-    # problem second ("but found another document"); here the problem leads.
+    # problem second ("but found another document"). This message puts the problem first.
     problem = error.problem or error.context or "unknown error"
     if problem.startswith("but "):
         problem = problem[len("but "):]
@@ -227,7 +231,7 @@ def check_top_level(root: yaml.Node, label: str) -> None:
 def check_unique_keys(node: yaml.Node, location: Location, label: str, visited: Set[int]) -> None:
     """Reject a mapping that repeats a key, which PyYAML would otherwise resolve by keeping the last value.
 
-    `visited` holds the ids of nodes already checked, because an alias makes
+    `visited` contains the ids of nodes already checked, because an alias makes
     one node appear at several places and a recursive anchor contains itself.
     """
 
@@ -383,11 +387,11 @@ def sha256_bytes(data: bytes) -> str:
 def pack_directory(path: PathLike) -> bytes:
     """Return a tar.gz of the contents of the directory at `path`, the same bytes for the same tree.
 
-    Members are named relative to the directory and added in sorted order, with
-    mtime 0, uid and gid 0 and empty owner names; permission bits are kept and
-    symbolic links stay links. The directory itself is not a member. Raises
+    Members are named relative to the directory and added in sorted order. Each
+    has mtime 0, uid and gid 0 and empty owner names. Permission bits are kept,
+    and symbolic links stay links. The directory itself is not a member. Raises
     RecipeError for a symbolic link that points outside the directory and for
-    sockets, FIFOs and device files.
+    sockets, FIFOs and device files, and OSError for a member it cannot read.
 
     NOTE: the gzip stream comes from the zlib that Python links, so another
     zlib build may produce other bytes, and another digest, for the same tree.
@@ -440,7 +444,8 @@ def add_tar_member(archive: tarfile.TarFile, root: Path, real_root: str, relativ
         archive.addfile(info)
     elif stat.S_ISREG(status.st_mode):
         info.size = status.st_size
-        with open(full_path, "rb") as content:
+        # O_NOFOLLOW: a file replaced by a link since lstat() is not followed.
+        with open(os.open(full_path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as content:
             archive.addfile(info, content)
     else:
         raise RecipeError(
@@ -468,7 +473,7 @@ def check_link_inside(root: Path, real_root: str, relative: str, target: str) ->
 def bundle_recipe(loaded: LoadedRecipe, upload: Callable[[bytes], str]) -> Recipe:
     """Upload the content of every file entry and return a recipe copy naming each by artifact and size.
 
-    `upload(content)` stores the bytes and returns their SHA-256; each distinct
+    `upload(content)` stores the bytes and returns their SHA-256. Each distinct
     content is uploaded once. A directory is uploaded as pack_directory's
     tar.gz. Raises RecipeError when a source cannot be read or packed, or when
     `upload` returns another digest than the content's.
@@ -512,4 +517,5 @@ def read_entry_content(path: Path, kind: str, location: str) -> bytes:
     except RecipeError as error:
         raise RecipeError(f"{location}: {error}") from error
     except OSError as error:
-        raise RecipeError(f"{location}: cannot read {str(path)!r}: {error.strerror}") from error
+        failed = error.filename or str(path)
+        raise RecipeError(f"{location}: cannot read {failed!r}: {error.strerror}") from error

@@ -608,7 +608,7 @@ def test_load_recipe_file_detects_kind_through_symlink(tmp_path):
     "source, kind, actual",
     [("app.py", "directory", "file"), ("dist", "file", "directory")],
 )
-def test_load_recipe_file_rejects_kind_that_differs_from_disk(tmp_path, source, kind, actual):
+def test_load_recipe_file_rejects_mismatched_kind(tmp_path, source, kind, actual):
     (tmp_path / "app.py").write_text("x = 1\n")
     (tmp_path / "dist").mkdir()
     path = write_recipe(
@@ -973,3 +973,15 @@ def test_bundle_recipe_reports_source_removed_after_loading(tmp_path):
 def test_sha256_bytes_returns_hex_digest():
     assert sha256_bytes(b"") == EMPTY_SHA256
     assert sha256_bytes(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_bundle_recipe_names_unreadable_file_in_directory(tmp_path):
+    loaded = load_recipe_file(write_bundle_recipe(tmp_path))
+    locked = tmp_path / "dist" / "config.yaml"
+    locked.chmod(0o000)
+
+    with pytest.raises(RecipeError) as caught:
+        bundle_recipe(loaded, RecordingUpload())
+
+    assert str(caught.value) == f"{loaded.path}: files[3].source: cannot read '{locked}': Permission denied"

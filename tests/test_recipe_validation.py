@@ -611,7 +611,7 @@ def test_validate_recipe_rejects_duplicate_packages(manager, names, duplicates):
     assert message == f"dependencies.{manager}.packages: lists a package twice: {duplicates}"
 
 
-def test_validate_recipe_accepts_same_package_for_different_managers():
+def test_validate_recipe_accepts_package_in_two_managers():
     dependencies = {"pip": {"packages": [{"name": "requests"}]}, "pip3": {"packages": [{"name": "requests"}]}}
 
     recipe = Recipe.model_validate(make_recipe_data(dependencies=dependencies))
@@ -698,7 +698,7 @@ def test_package_accepts_any_text_outside_a_manager():
     assert package.name == "requests; rm -rf /"
 
 
-def test_package_group_checks_plain_package_against_its_grammar():
+def test_package_group_revalidates_plain_package():
     accepted = AptPackages(packages=[Package(name="curl", version="7.81.0")])
 
     assert accepted.packages[0].name == "curl"
@@ -861,7 +861,7 @@ def test_validate_recipe_rejects_top_level_list():
     assert format_validation_error(caught.value) == "recipe: must be a mapping of fields, got [{'version': '1'}]"
 
 
-def test_validate_recipe_reports_every_problem_on_its_own_line():
+def test_validate_recipe_reports_one_problem_per_line():
     data = make_recipe_data(
         version="",
         targets={"groups": ["Lab"]},
@@ -914,7 +914,7 @@ def test_validate_recipe_survives_json_round_trip():
     assert Recipe.model_validate(recipe.model_dump(mode="json", exclude_none=True)) == recipe
 
 
-def test_format_validation_error_suggests_fields_of_validated_model():
+def test_format_validation_error_uses_validated_model():
     with pytest.raises(ValidationError) as caught:
         CommandStage.model_validate({"rn": "true"})
 

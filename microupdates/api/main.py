@@ -18,6 +18,8 @@ def main() -> None:
         port=settings.api_port,
         log_level="warning",
         timeout_keep_alive=75,
+        # Long polls would otherwise hold a shutdown for up to a minute.
+        timeout_graceful_shutdown=5,
     )
 
 

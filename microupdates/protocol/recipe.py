@@ -468,7 +468,7 @@ class ValidationProblem(NamedTuple):
 
 
 def format_location(location: Location) -> str:
-    """Write a pydantic location as a field path such as `files[0].destination`; the root is `recipe`."""
+    """Return a pydantic location as a field path such as `files[0].destination`, or `recipe` for the root."""
 
     text = ""
     for part in location:
