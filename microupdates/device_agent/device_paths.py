@@ -19,7 +19,7 @@ def map_device_path(path: str, device_root: Optional[str]) -> str:
     """Return the path on this machine for a device path.
 
     Without a device root the path is returned unchanged. With one, the
-    absolute device path is placed under the root and normalised; a path that
+    absolute device path is placed under the root and normalised. A path that
     would then lie outside the root raises ValueError naming the path.
     The check is lexical, so a symbolic link inside the root that points out
     of it is still followed by whoever opens the mapped path.

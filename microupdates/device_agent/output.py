@@ -96,7 +96,7 @@ class BoundedOutput:
                 chunk = chunk[head_room:]
 
             self._tail += chunk
-            # Trimming only once the buffer holds twice the tail keeps the
+            # Trimming only once the buffer contains twice the tail keeps the
             # copying cost per written byte constant.
             if len(self._tail) > 2 * self.tail_bytes:
                 del self._tail[: len(self._tail) - self.tail_bytes]

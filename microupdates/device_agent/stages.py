@@ -20,7 +20,7 @@ COMMAND_STAGES = ("before", "after")
 
 @dataclass
 class StageContext:
-    """What a stage needs from the agent besides the job itself.
+    """Inputs of a stage from the agent, besides the job itself.
 
     `open_artifact(sha256)` returns the local path of a downloaded, verified
     artifact. `extra_env` is added to every stage process's environment.
@@ -50,7 +50,10 @@ def _run_command_stage(job: StageJob, context: StageContext, env: Dict[str, str]
         return [
             StepResult(
                 name=job.stage,
-                error=f"the {job.stage} command has no script text to run, because the server did not resolve 'script' to 'run'",
+                error=(
+                    f"the {job.stage} command has no script text to run, "
+                    "because the server did not resolve 'script' to 'run'"
+                ),
             )
         ]
 
@@ -67,7 +70,7 @@ def _run_command_stage(job: StageJob, context: StageContext, env: Dict[str, str]
 
 
 def _run_steps(job: StageJob, context: StageContext) -> List[StepResult]:
-    """Run the job's stage and return its steps; unknown stages give one failed step."""
+    """Run the job's stage and return its steps. An unknown stage gives one failed step."""
 
     env = _stage_environment(job, context)
     cwd = context.device_root or "/"
@@ -98,15 +101,16 @@ def _run_steps(job: StageJob, context: StageContext) -> List[StepResult]:
             on_output=context.on_output,
         )
 
-    return [StepResult(name=job.stage, error=f"unknown stage {job.stage!r}; this agent runs before, files, dependencies and after")]
+    unknown = f"unknown stage {job.stage!r}; this agent runs before, files, dependencies and after"
+    return [StepResult(name=job.stage, error=unknown)]
 
 
 def run_stage(job: StageJob, context: StageContext) -> StageReport:
-    """Run one stage job and report it; never raises.
+    """Run one stage job and return its report.
 
-    The report fails when a step has an error; exit_code and error then come
-    from the first such step. An unexpected exception becomes a failed report
-    with its text, so a bug in a stage does not stop the agent.
+    The status is "failed" when a step has an error, and exit_code and error
+    then come from the first such step. An Exception raised inside the stage
+    becomes a failed report with its text, so a bug in a stage does not stop the agent.
     """
 
     started = time.monotonic()

@@ -31,7 +31,7 @@ def _run(script: str, tmp_path: Path, timeout_seconds: float = 10, **kwargs):
 
 
 def _is_running(pid: int) -> bool:
-    """Whether pid is a live process; zombies count as dead because they have ended."""
+    """Check whether pid is a live process. Zombies count as dead because they have ended."""
 
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
@@ -121,7 +121,7 @@ def test_run_command_timeout_escalates_to_sigkill(tmp_path):
         _kill_if_running(child_pid)
 
 
-def test_run_command_background_child_holding_stdout_does_not_hang(tmp_path):
+def test_run_command_background_child_does_not_hang(tmp_path):
     pid_file = tmp_path / "child.pid"
     started = time.monotonic()
 

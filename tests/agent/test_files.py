@@ -15,7 +15,7 @@ from microupdates.protocol.recipe import FileEntry
 
 
 class ArtifactStore:
-    """Artifacts by SHA-256 in a temporary directory, as the agent's download cache would hold them."""
+    """Artifacts by SHA-256 in a temporary directory, as the agent's download cache would store them."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

@@ -59,7 +59,9 @@ def test_install_dependencies_empty_does_nothing(tmp_path):
 
 @pytest.mark.skipif(python3_path is None, reason="python3 is not on the minimal PATH")
 def test_install_dependencies_pip_into_new_virtualenv(tmp_path):
-    steps = _install({"pip3": {"virtualenv": "/opt/venv", "packages": [{"name": "six", "version": "1.16.0"}]}}, tmp_path)
+    pip3 = {"virtualenv": "/opt/venv", "packages": [{"name": "six", "version": "1.16.0"}]}
+
+    steps = _install({"pip3": pip3}, tmp_path)
 
     venv_python = tmp_path / "opt/venv/bin/python"
     assert [step.name for step in steps] == ["pip3: create virtualenv /opt/venv", "pip3 install"]
@@ -168,7 +170,9 @@ def test_install_dependencies_timeout_is_reported(tmp_path):
 
 @pytest.mark.skipif(npm_path is None, reason="npm is not on the minimal PATH, so the npm registry test cannot run")
 def test_install_dependencies_npm_into_new_directory(tmp_path):
-    steps = _install({"npm": {"directory": "/srv/web", "packages": [{"name": "is-number", "version": "7.0.0"}]}}, tmp_path)
+    npm = {"directory": "/srv/web", "packages": [{"name": "is-number", "version": "7.0.0"}]}
+
+    steps = _install({"npm": npm}, tmp_path)
 
     project = tmp_path / "srv/web"
     assert [step.name for step in steps] == ["npm: create directory /srv/web", "npm install"]

@@ -30,7 +30,7 @@ CRLF_ERROR = "the script has CRLF (Windows) line endings, which bash cannot run;
 # Time a stopped process group gets between SIGTERM and SIGKILL.
 STOP_GRACE_SECONDS = 2.0
 # Time the output pipe may stay open after the main process has exited or
-# been killed, because a background child still holds it.
+# been killed, because a background child still has it open.
 PIPE_CLOSE_WAIT_SECONDS = 2.0
 # Time allowed for the kernel to end a process after SIGKILL.
 REAP_WAIT_SECONDS = 5.0
@@ -44,13 +44,14 @@ class _OutputPump(threading.Thread):
     """Thread that copies a pipe into a BoundedOutput until end of file.
 
     After `stop_capture()` it keeps reading and discards the data. A
-    background process that still holds the pipe therefore neither blocks on a
+    background process that still has the pipe open therefore neither blocks on a
     full pipe nor gets SIGPIPE. The thread ends, and closes the pipe, when the
     last writer closes its end.
     """
 
     def __init__(self, pipe, output: BoundedOutput, on_output: Optional[OutputCallback], name: str) -> None:
         super().__init__(name=f"output-pump-{name}", daemon=True)
+        self._command_name = name
         self._pipe = pipe
         self._output = output
         self._on_output = on_output
@@ -69,7 +70,7 @@ class _OutputPump(threading.Thread):
                 try:
                     chunk = os.read(fd, READ_CHUNK_BYTES)
                 except OSError as error:
-                    logger.warning("Reading command output failed: %s", error)
+                    logger.warning("Reading output of %s failed: %s", self._command_name, error)
                     return
                 if not chunk:
                     return
@@ -91,7 +92,9 @@ class _OutputPump(threading.Thread):
             # The callback feeds progress reports; a failure there must not
             # stop the capture, so it is logged once and then skipped.
             self._callback_failed = True
-            logger.exception("Output callback failed; no more output is forwarded for this command")
+            logger.exception(
+                "Output callback failed in %s; no more output of this command is forwarded", self._command_name
+            )
 
 
 def _exit_code(returncode: Optional[int]) -> Optional[int]:
@@ -163,7 +166,7 @@ def _signal_group(pgid: int, signal_number: int) -> None:
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
-    """Stop the process's group: SIGTERM, a grace period, then SIGKILL; reap the leader.
+    """Stop the process's group with SIGTERM, a grace period and SIGKILL, then reap the leader.
 
     The leader stays unreaped until SIGKILL has been sent, so the group id
     cannot have been reused by then.
@@ -178,8 +181,8 @@ def _stop_process_group(process: subprocess.Popen) -> None:
             break
         time.sleep(POLL_INTERVAL_SECONDS)
 
-    # Sent even when the group looks empty: it costs nothing and catches a
-    # process that forked between the check and here.
+    # SIGKILL is sent even when the group looks empty, because the /proc scan
+    # can miss a process forked while it ran, and the signal costs nothing.
     _signal_group(pgid, signal.SIGKILL)
 
     try:
@@ -189,7 +192,7 @@ def _stop_process_group(process: subprocess.Popen) -> None:
 
 
 def _wait_for_exit_or_stop(
-    process: subprocess.Popen, timeout_seconds: float, abort_event: Optional[threading.Event]
+    process: subprocess.Popen, timeout_seconds: float, abort_event: Optional[threading.Event], timeout_error: str
 ) -> Optional[str]:
     """Wait until the process exits, the timeout passes or abort_event is set.
 
@@ -205,7 +208,7 @@ def _wait_for_exit_or_stop(
             return "aborted"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return f"timed out after {timeout_seconds:g} s"
+            return timeout_error
 
         interval = min(POLL_INTERVAL_SECONDS, remaining)
         if abort_event is not None:
@@ -223,15 +226,18 @@ def run_process(
     cwd: str,
     abort_event: Optional[threading.Event] = None,
     on_output: Optional[OutputCallback] = None,
+    timeout_error: Optional[str] = None,
 ) -> StepResult:
     """Run argv to completion, a timeout or an abort, and return its StepResult.
 
     `env` is the whole environment of the process (see minimal_environment).
-    `on_output` receives each chunk of output as it arrives, from another thread.
+    `on_output` receives each chunk of output as it arrives, from another
+    thread, and may receive one last chunk just after run_process returns.
     exit_code is the process's exit status, or 128 + N when signal N ended it,
     as bash reports it. error is None on exit status 0 and else one of
-    "exited with status N", "killed by SIGNAME", "timed out after N s",
-    "aborted" or "could not start ...". The output seen before a stop is kept.
+    "exited with status N", "killed by SIGNAME", "timed out after N s"
+    (or `timeout_error` when given), "aborted" or "could not start ...".
+    The output seen before a stop is kept.
     """
 
     started = time.monotonic()
@@ -260,7 +266,9 @@ def run_process(
     pump = _OutputPump(process.stdout, output, on_output, name)
     pump.start()
 
-    stop_reason = _wait_for_exit_or_stop(process, timeout_seconds, abort_event)
+    if timeout_error is None:
+        timeout_error = f"timed out after {timeout_seconds:g} s"
+    stop_reason = _wait_for_exit_or_stop(process, timeout_seconds, abort_event, timeout_error)
     if stop_reason is None:
         process.wait()
     else:
@@ -349,8 +357,8 @@ def _without_agent_virtualenv(path: str) -> str:
     if sys.prefix == sys.base_prefix:
         return path
     agent_bin = os.path.join(sys.prefix, "bin")
-    kept = [entry for entry in path.split(":") if entry and os.path.normpath(entry) != agent_bin]
-    return ":".join(kept)
+    remaining_entries = [entry for entry in path.split(":") if entry and os.path.normpath(entry) != agent_bin]
+    return ":".join(remaining_entries)
 
 
 def minimal_environment(extra: Dict[str, str], device_root: Optional[str]) -> Dict[str, str]:
@@ -358,7 +366,7 @@ def minimal_environment(extra: Dict[str, str], device_root: Optional[str]) -> Di
 
     Nothing comes from the agent's own environment, so its virtualenv, proxy
     settings or secrets do not leak into stages. `extra` overrides the fixed
-    values; an extra PATH still loses the agent virtualenv's bin directory.
+    values, but an extra PATH still loses the agent virtualenv's bin directory.
     """
 
     uid = os.geteuid()

@@ -1,9 +1,9 @@
 """The files stage: place verified artifacts at their destinations atomically.
 
 A file is written to a temporary file in its destination's directory, fsynced
-and renamed over the destination. A directory arrives as a tar archive; it is
-checked member by member, extracted into a staging directory next to the
-destination, and each entry is renamed into place, merging with what is
+and renamed over the destination. A directory arrives as a tar archive. Its
+members are checked and extracted into a staging directory next to the
+destination, and then each entry is renamed into place, merging with what is
 there. Before each path is written, a FileChange records what was there, so
 a rollback can later restore or remove it.
 """
@@ -36,7 +36,7 @@ TEMPORARY_PREFIX = ".microupdates-"
 
 
 class FileInstallError(Exception):
-    """A files-stage step failed for a reason the message states."""
+    """Failure of a files-stage step, with a message naming the path and the reason."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _install_file(
 
 
 def _reject_member(member: tarfile.TarInfo, reason: str) -> None:
-    raise FileInstallError(f"archive member {member.name!r} {reason}; the archive was not installed")
+    raise FileInstallError(f"archive member {member.name!r} {reason}, so no file from the archive was installed")
 
 
 def _check_member(member: tarfile.TarInfo) -> str:
@@ -274,7 +274,7 @@ def _extract_regular_file(archive: tarfile.TarFile, member: tarfile.TarInfo, tar
 def _extract_archive(archive: tarfile.TarFile, staging: str) -> Dict[str, int]:
     """Extract every member into staging after checking it.
 
-    Directories are created with mode 0700 in staging; their modes from the
+    Directories are created with mode 0700 in staging. Their modes from the
     archive are returned by relative path and applied to directories created
     at the destination. The archive's top directory (".") gets no mode entry.
     Owners from the archive are not applied, so new entries belong to the agent's user.
@@ -312,7 +312,7 @@ def _extract_archive(archive: tarfile.TarFile, staging: str) -> Dict[str, int]:
 
 
 def _ensure_directory(path: str, mode: int, changes: List[FileChange]) -> None:
-    """Create directory path with mode unless a directory is there; a link or file there is an error."""
+    """Create directory path with mode unless a directory exists there. A symbolic link or file there is an error."""
 
     existing = _lstat_or_none(path)
     if existing is None:
@@ -381,7 +381,7 @@ def _install_directory(
     _create_directories(parent, changes)
 
     # Staging must be on the destination's file system so that entries can be
-    # renamed into place; a destination that is a mount point holds its own staging.
+    # renamed into place. A destination that is a mount point gets the staging directory inside it.
     staging_parent = destination if existing is not None and os.path.ismount(destination) else parent
     staging = tempfile.mkdtemp(dir=staging_parent, prefix=TEMPORARY_PREFIX + "stage-")
     try:

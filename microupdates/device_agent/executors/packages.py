@@ -19,12 +19,12 @@ from typing import Dict, List, Optional
 from microupdates.device_agent.device_paths import map_device_path
 from microupdates.device_agent.executors.commands import OutputCallback, run_process
 from microupdates.protocol.device_api import StepResult
-from microupdates.protocol.recipe import AptPackages, Dependencies, NpmPackages, PipPackages
+from microupdates.protocol.recipe import AptPackages, Dependencies, NpmPackages, PackageGroup, PipPackages
 
 logger = logging.getLogger(__name__)
 
-# dpkg's options keep changed configuration files without asking; apt waits
-# this long for a dpkg lock held by another apt run instead of failing at once.
+# The dpkg options keep changed configuration files without asking. apt-get
+# waits this long for the dpkg lock of another apt run instead of failing at once.
 APT_LOCK_TIMEOUT_SECONDS = 120
 APT_INSTALL_OPTIONS = [
     "-y",
@@ -51,7 +51,7 @@ VIRTUALENV_CREATOR = "python3"
 
 
 class _GroupRunner:
-    """Runs one manager's commands within the manager's shared timeout."""
+    """Runner for one manager's commands, which share the manager's timeout."""
 
     def __init__(
         self,
@@ -79,9 +79,10 @@ class _GroupRunner:
     def run(self, argv: List[str], name: str) -> StepResult:
         if self.abort_event is not None and self.abort_event.is_set():
             return StepResult(name=name, error="aborted")
+        timeout_error = f"timed out after {self.timeout_seconds:g} s"
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            return StepResult(name=name, error=f"timed out after {self.timeout_seconds:g} s")
+            return StepResult(name=name, error=timeout_error)
         return run_process(
             argv,
             name=name,
@@ -90,6 +91,7 @@ class _GroupRunner:
             cwd=self.cwd,
             abort_event=self.abort_event,
             on_output=self.on_output,
+            timeout_error=timeout_error,
         )
 
 
@@ -99,15 +101,25 @@ def _install_apt(group: AptPackages, runner: _GroupRunner) -> List[StepResult]:
     if apt_get is None:
         return [runner.missing_program(name, "apt-get")]
 
-    specs = [package.name if package.version is None else f"{package.name}={package.version}" for package in group.packages]
+    specs = _package_specs(group, "=")
     return [runner.run([apt_get, "install", *APT_INSTALL_OPTIONS, *specs], name)]
 
 
-def _pip_specs(group: PipPackages) -> List[str]:
-    return [package.name if package.version is None else f"{package.name}=={package.version}" for package in group.packages]
+def _package_specs(group: PackageGroup, separator: str) -> List[str]:
+    """Return `name` or `name<separator>version` for each package of the group."""
+
+    specs = []
+    for package in group.packages:
+        if package.version is None:
+            specs.append(package.name)
+        else:
+            specs.append(f"{package.name}{separator}{package.version}")
+    return specs
 
 
-def _install_pip(manager: str, group: PipPackages, runner: _GroupRunner, device_root: Optional[str]) -> List[StepResult]:
+def _install_pip(
+    manager: str, group: PipPackages, runner: _GroupRunner, device_root: Optional[str]
+) -> List[StepResult]:
     """Install with `<interpreter> -m pip`, creating the virtualenv first when it is missing."""
 
     steps = []
@@ -127,7 +139,8 @@ def _install_pip(manager: str, group: PipPackages, runner: _GroupRunner, device_
             if creation.error is not None:
                 return steps
 
-    install = runner.run([interpreter, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, *_pip_specs(group)], f"{manager} install")
+    argv = [interpreter, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, *_package_specs(group, "==")]
+    install = runner.run(argv, f"{manager} install")
     install.interpreter = interpreter
     steps.append(install)
     return steps
@@ -167,7 +180,7 @@ def _install_npm(group: NpmPackages, runner: _GroupRunner, device_root: Optional
                 return steps
         location = ["--prefix", directory]
 
-    specs = [package.name if package.version is None else f"{package.name}@{package.version}" for package in group.packages]
+    specs = _package_specs(group, "@")
     steps.append(runner.run([npm, "install", *NPM_INSTALL_OPTIONS, *location, *specs], name))
     return steps
 
@@ -200,7 +213,7 @@ def install_dependencies(
 ) -> List[StepResult]:
     """Install apt, pip, pip3 and npm packages in that order, stopping at the first failed step.
 
-    `env` is the whole environment of the commands; apt additionally gets
+    `env` is the whole environment of the commands, and apt-get also gets
     DEBIAN_FRONTEND=noninteractive, NEEDRESTART_MODE=a and
     APT_LISTCHANGES_FRONTEND=none. The device root maps the virtualenv and npm
     directory paths and is the working directory.
