@@ -16,6 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from microupdates.protocol.recipe import CommandStage, Dependencies, FileEntry
 
 DEVICE_API_PREFIX = "/device/v1"
+
+# Stages of an update, in the order they run.
+UPDATE_STAGES = ("before", "files", "dependencies", "after")
+# Compensations, run in this order after a failed or aborted update. Each undoes
+# what the agent recorded for the deployment (under its state directory) and
+# succeeds without doing anything when there is nothing left to undo.
+REVERT_PACKAGES_STAGE = "revert_packages"
+REVERT_FILES_STAGE = "revert_files"
+ROLLBACK_COMMAND_STAGE = "rollback_command"
+REBOOT_STAGE = "reboot"
+COMPENSATION_STAGES = (REVERT_PACKAGES_STAGE, REVERT_FILES_STAGE, ROLLBACK_COMMAND_STAGE, REBOOT_STAGE)
+
+# Values of StageReport.status.
+STAGE_SUCCEEDED = "succeeded"
+STAGE_FAILED = "failed"
+STAGE_INTERRUPTED = "interrupted"
+STAGE_ABORTED = "aborted"
 MAX_LONG_POLL_SECONDS = 60
 DEFAULT_LONG_POLL_SECONDS = 25
 MAX_REPORTED_OUTPUT_BYTES = 64 * 1024
@@ -63,7 +80,10 @@ class CheckInResponse(WireModel):
 
 
 class ProgressReport(WireModel):
+    """Sent while a stage runs. The API holds it open up to `wait_seconds` and answers at once on abort."""
+
     output_tail: str = ""
+    wait_seconds: int = Field(default=0, ge=0, le=MAX_LONG_POLL_SECONDS)
 
 
 class ProgressResponse(WireModel):
@@ -87,8 +107,9 @@ class StepResult(WireModel):
 class StageReport(WireModel):
     """The device's result of one stage.
 
-    `status` is `succeeded`, `failed` or `interrupted` (the agent restarted in
-    the middle of the stage). `error` says in one sentence why it failed.
+    `status` is `succeeded`, `failed`, `interrupted` (the agent restarted in
+    the middle of the stage) or `aborted` (the server asked the agent to stop
+    it). `error` says in one sentence why it did not succeed.
     """
 
     status: str

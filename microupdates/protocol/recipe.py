@@ -168,7 +168,9 @@ class FileEntry(RecipeModel):
 
     `source` is a path relative to the recipe file. `artifact` is the SHA-256
     of the uploaded content, filled in when the update is created; for a
-    directory the artifact is a tar archive of it.
+    directory the artifact is a tar archive of it. A directory merges into an
+    existing destination unless `replace` is true, which swaps the whole
+    directory (the old one is kept for rollback).
     """
 
     source: str = Field(min_length=1)
@@ -177,6 +179,7 @@ class FileEntry(RecipeModel):
     kind: Optional[str] = None
     artifact: Optional[str] = None
     size_bytes: Optional[int] = Field(default=None, ge=0, strict=True)
+    replace: bool = Field(default=False, strict=True)
 
     @field_validator("destination")
     @classmethod
