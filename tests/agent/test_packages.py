@@ -66,9 +66,9 @@ def test_install_dependencies_pip_into_new_virtualenv(tmp_path):
     venv_python = tmp_path / "opt/venv/bin/python"
     assert [step.name for step in steps] == ["pip3: create virtualenv /opt/venv", "pip3 install"]
     assert steps[0].error is None, steps[0].output
-    assert steps[0].interpreter == python3_path
+    assert steps[0].interpreter.startswith(f"{python3_path} ")
     assert steps[1].error is None, steps[1].output
-    assert steps[1].interpreter == str(venv_python)
+    assert steps[1].interpreter.startswith(f"{venv_python} ")
     assert steps[1].exit_code == 0
 
     imported = subprocess.run(
@@ -89,7 +89,7 @@ def test_install_dependencies_pip_reuses_existing_virtualenv(tmp_path):
 
     assert [step.name for step in steps] == ["pip install"]
     assert steps[0].error is None, steps[0].output
-    assert steps[0].interpreter == str(tmp_path / "venv/bin/python")
+    assert steps[0].interpreter.startswith(str(tmp_path / "venv/bin/python") + " ")
 
 
 def test_install_dependencies_pip_interpreter_missing(tmp_path):
@@ -119,8 +119,11 @@ def test_install_dependencies_pip_failure_stops_before_npm(tmp_path):
 
     assert [step.name for step in steps] == ["pip3 install"]
     assert steps[0].error == "exited with status 3"
-    assert steps[0].interpreter == str(fake_python)
-    assert steps[0].output == "pip args: -m pip install --disable-pip-version-check --no-input six==1.16.0\n"
+    assert steps[0].interpreter == f"{fake_python} (--version failed: exited with status 3)"
+    assert steps[0].output == (
+        f"interpreter: {fake_python} (--version failed: exited with status 3)\n"
+        "pip args: -m pip install --disable-pip-version-check --no-input six==1.16.0\n"
+    )
 
 
 def test_install_dependencies_apt_arguments_and_environment(tmp_path):
@@ -151,7 +154,8 @@ def test_install_dependencies_apt_unknown_package_fails(tmp_path):
     )
 
     assert [step.name for step in steps] == ["apt-get install"]
-    assert steps[0].error == "exited with status 100"
+    assert steps[0].exit_code == 100
+    assert steps[0].error.startswith("apt-get found no package microupdates-no-such-package in its package lists")
     assert "microupdates-no-such-package" in steps[0].output
 
 

@@ -3,8 +3,10 @@
 Each manager's packages go to one install command, run through run_process,
 so they get stdin from /dev/null, their own process group and a timeout. A
 manager's timeout_seconds bounds all of its commands together, including
-creating a virtualenv or directory first. Package names and versions are argv
-entries, never shell text.
+checks and creating a virtualenv or directory first. Package names and
+versions are argv entries, never shell text. Known failures (a held dpkg lock,
+unfinished packages, a package missing from apt's lists, a PEP 668
+rejection) get errors from package_checks that name the cause and the fix.
 """
 
 from __future__ import annotations
@@ -18,27 +20,44 @@ from typing import Dict, List, Optional
 
 from microupdates.device_agent.device_paths import map_device_path
 from microupdates.device_agent.executors.commands import OutputCallback, run_process
+from microupdates.device_agent.executors.package_checks import (
+    describe_apt_lock_failure,
+    describe_apt_lock_timeout,
+    describe_dpkg_interrupted,
+    describe_externally_managed,
+    describe_interpreter,
+    describe_missing_apt_packages,
+    describe_unfinished_packages,
+    find_lock_holder,
+    is_externally_managed_error,
+    unfinished_packages,
+)
 from microupdates.protocol.device_api import StepResult
 from microupdates.protocol.recipe import AptPackages, Dependencies, NpmPackages, PackageGroup, PipPackages
 
 logger = logging.getLogger(__name__)
 
-# The dpkg options keep changed configuration files without asking. apt-get
-# waits this long for the dpkg lock of another apt run instead of failing at once.
+# Default time apt-get waits for a dpkg lock held by another process before
+# it fails (apt's DPkg::Lock::Timeout option, in whole seconds).
 APT_LOCK_TIMEOUT_SECONDS = 120
-APT_INSTALL_OPTIONS = [
+# -y answers apt's own questions. The dpkg options keep changed configuration
+# files without asking: dpkg's default action where it has one, else the
+# installed version.
+APT_NONINTERACTIVE_OPTIONS = [
     "-y",
     "-o",
     "Dpkg::Options::=--force-confdef",
     "-o",
     "Dpkg::Options::=--force-confold",
-    "-o",
-    f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_SECONDS}",
 ]
+# LC_ALL=C.UTF-8 keeps apt and dpkg messages untranslated, because
+# package_checks matches them, and keeps UTF-8 for maintainer scripts.
+# LANGUAGE is removed from apt's environment for the same reason.
 APT_ENVIRONMENT = {
     "DEBIAN_FRONTEND": "noninteractive",
     "NEEDRESTART_MODE": "a",
     "APT_LISTCHANGES_FRONTEND": "none",
+    "LC_ALL": "C.UTF-8",
 }
 PIP_INSTALL_OPTIONS = ["--disable-pip-version-check", "--no-input"]
 NPM_INSTALL_OPTIONS = ["--no-audit", "--no-fund", "--no-progress"]
@@ -66,6 +85,7 @@ class _GroupRunner:
         self.cwd = cwd
         self.abort_event = abort_event
         self.on_output = on_output
+        self.timeout_error = f"timed out after {timeout_seconds:g} s"
         self._deadline = time.monotonic() + timeout_seconds
 
     def which(self, program: str) -> Optional[str]:
@@ -76,13 +96,14 @@ class _GroupRunner:
     def missing_program(self, name: str, program: str) -> StepResult:
         return StepResult(name=name, error=f"{program!r} was not found on PATH {self.env.get('PATH', '')}")
 
-    def run(self, argv: List[str], name: str) -> StepResult:
+    def run(self, argv: List[str], name: str, forward_output: bool = True) -> StepResult:
+        """Run argv within the group's remaining time; `forward_output=False` keeps its output from on_output."""
+
         if self.abort_event is not None and self.abort_event.is_set():
             return StepResult(name=name, error="aborted")
-        timeout_error = f"timed out after {self.timeout_seconds:g} s"
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            return StepResult(name=name, error=timeout_error)
+            return StepResult(name=name, error=self.timeout_error)
         return run_process(
             argv,
             name=name,
@@ -90,19 +111,115 @@ class _GroupRunner:
             env=self.env,
             cwd=self.cwd,
             abort_event=self.abort_event,
-            on_output=self.on_output,
-            timeout_error=timeout_error,
+            on_output=self.on_output if forward_output else None,
+            timeout_error=self.timeout_error,
         )
 
 
-def _install_apt(group: AptPackages, runner: _GroupRunner) -> List[StepResult]:
+def apt_install_options(lock_timeout_seconds: int) -> List[str]:
+    """Return the apt-get install options: no questions, old config files kept, a bounded wait for the dpkg lock."""
+
+    return [*APT_NONINTERACTIVE_OPTIONS, "-o", f"DPkg::Lock::Timeout={lock_timeout_seconds}"]
+
+
+def _apt_environment(env: Dict[str, str]) -> Dict[str, str]:
+    apt_env = {key: value for key, value in env.items() if key != "LANGUAGE"}
+    apt_env.update(APT_ENVIRONMENT)
+    return apt_env
+
+
+def _install_apt(group: AptPackages, runner: _GroupRunner, lock_timeout_seconds: int) -> List[StepResult]:
+    """Check dpkg's state, then run `apt-get install`, replacing the error of a known failure with its cause and fix."""
+
     name = "apt-get install"
     apt_get = runner.which("apt-get")
     if apt_get is None:
         return [runner.missing_program(name, "apt-get")]
 
-    specs = _package_specs(group, "=")
-    return [runner.run([apt_get, "install", *APT_INSTALL_OPTIONS, *specs], name)]
+    dpkg_problem = _check_dpkg_state(runner, name)
+    if dpkg_problem is not None:
+        return [dpkg_problem]
+
+    argv = [apt_get, "install", *apt_install_options(lock_timeout_seconds), *_package_specs(group, "=")]
+    result = runner.run(argv, name)
+    result.error = _explain_apt_error(result, lock_timeout_seconds, runner.timeout_error)
+    return [result]
+
+
+def _check_dpkg_state(runner: _GroupRunner, name: str) -> Optional[StepResult]:
+    """Return a failed step when `dpkg --audit` reports unfinished packages, else None.
+
+    apt-get would try to configure such packages again and fail with an error
+    about them rather than about the request. While another process holds a
+    dpkg lock, unfinished packages may be that process's install in progress,
+    so they are let through and apt-get waits for the lock.
+    """
+
+    dpkg = runner.which("dpkg")
+    if dpkg is None:
+        logger.warning(
+            "dpkg is not on PATH %s, so apt-get runs without checking for unfinished packages",
+            runner.env.get("PATH", ""),
+        )
+        return None
+
+    audit = runner.run([dpkg, "--audit"], "dpkg --audit", forward_output=False)
+    if audit.error in ("aborted", runner.timeout_error):
+        audit.name = name
+        return audit
+
+    if not _audit_found_problems(audit):
+        return None
+
+    holder = find_lock_holder()
+    if holder is not None:
+        logger.info(
+            "dpkg --audit lists unfinished packages while %s holds %s, so they may be its install and apt-get waits",
+            holder.describe(),
+            holder.path,
+        )
+        return None
+
+    error = describe_unfinished_packages(audit.output)
+    logger.error("Not running apt-get: %s", error)
+    return StepResult(name=name, duration_seconds=audit.duration_seconds, output=audit.output, error=error)
+
+
+def _audit_found_problems(audit: StepResult) -> bool:
+    """Check whether `dpkg --audit` listed problems.
+
+    dpkg 1.21 prints the problems and exits with status 0. An exit status of
+    1 with indented package lines is taken as the same report, and any other
+    failure is logged and lets apt-get run.
+    """
+
+    if audit.exit_code == 0:
+        return bool(audit.output.strip())
+    if audit.exit_code == 1 and unfinished_packages(audit.output):
+        return True
+
+    logger.warning("dpkg --audit failed (%s), so apt-get runs without checking for unfinished packages", audit.error)
+    return False
+
+
+def _explain_apt_error(result: StepResult, lock_timeout_seconds: int, timeout_error: str) -> Optional[str]:
+    """Return the step's error, replaced by a specific one when apt-get's output shows a known cause."""
+
+    if result.error is None or result.error == "aborted":
+        return result.error
+
+    if result.error == timeout_error:
+        return describe_apt_lock_timeout(result.output, result.error) or result.error
+
+    # apt before 1.9 has no lock timeout and fails at once, so the wait
+    # reported is the shorter of the option and the run's duration.
+    lock_wait_seconds = min(lock_timeout_seconds, result.duration_seconds)
+    explained = (
+        describe_apt_lock_failure(result.output, lock_wait_seconds)
+        or describe_dpkg_interrupted(result.output)
+        or describe_missing_apt_packages(result.output)
+    )
+    return explained or result.error
 
 
 def _package_specs(group: PackageGroup, separator: str) -> List[str]:
@@ -122,16 +239,17 @@ def _install_pip(
 ) -> List[StepResult]:
     """Install with `<interpreter> -m pip`, creating the virtualenv first when it is missing."""
 
+    name = f"{manager} install"
     steps = []
     if group.virtualenv is None:
         interpreter = runner.which(PIP_INTERPRETERS[manager])
         if interpreter is None:
-            return [runner.missing_program(f"{manager} install", PIP_INTERPRETERS[manager])]
+            return [runner.missing_program(name, PIP_INTERPRETERS[manager])]
     else:
         try:
             virtualenv = map_device_path(group.virtualenv, device_root)
         except ValueError as error:
-            return [StepResult(name=f"{manager} install", error=str(error))]
+            return [StepResult(name=name, error=str(error))]
         interpreter = os.path.join(virtualenv, "bin", "python")
         if not os.path.exists(interpreter):
             creation = _create_virtualenv(manager, group.virtualenv, virtualenv, runner)
@@ -139,11 +257,31 @@ def _install_pip(
             if creation.error is not None:
                 return steps
 
+    description = _describe_interpreter(interpreter, runner)
     argv = [interpreter, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, *_package_specs(group, "==")]
-    install = runner.run(argv, f"{manager} install")
-    install.interpreter = interpreter
+    install = _with_interpreter(runner.run(argv, name), description)
+
+    # pip ignores the PEP 668 marker inside a virtualenv, so only a system
+    # interpreter can reject the install this way.
+    if install.error is not None and group.virtualenv is None and is_externally_managed_error(install.output):
+        install.error = describe_externally_managed(manager, interpreter)
     steps.append(install)
     return steps
+
+
+def _describe_interpreter(interpreter: str, runner: _GroupRunner) -> str:
+    """Describe the interpreter with its real path and the output of `--version`, run within the group's time."""
+
+    version = runner.run([interpreter, "--version"], f"{interpreter} --version", forward_output=False)
+    return describe_interpreter(interpreter, version.output, version.error)
+
+
+def _with_interpreter(result: StepResult, description: str) -> StepResult:
+    """Record the interpreter on the step, in its interpreter field and as the first line of its output."""
+
+    result.interpreter = description
+    result.output = f"interpreter: {description}\n{result.output}"
+    return result
 
 
 def _create_virtualenv(manager: str, device_path: str, virtualenv: str, runner: _GroupRunner) -> StepResult:
@@ -152,9 +290,8 @@ def _create_virtualenv(manager: str, device_path: str, virtualenv: str, runner: 
     if creator is None:
         return runner.missing_program(name, VIRTUALENV_CREATOR)
 
-    result = runner.run([creator, "-m", "venv", virtualenv], name)
-    result.interpreter = creator
-    return result
+    description = _describe_interpreter(creator, runner)
+    return _with_interpreter(runner.run([creator, "-m", "venv", virtualenv], name), description)
 
 
 def _install_npm(group: NpmPackages, runner: _GroupRunner, device_root: Optional[str]) -> List[StepResult]:
@@ -181,7 +318,10 @@ def _install_npm(group: NpmPackages, runner: _GroupRunner, device_root: Optional
         location = ["--prefix", directory]
 
     specs = _package_specs(group, "@")
-    steps.append(runner.run([npm, "install", *NPM_INSTALL_OPTIONS, *location, *specs], name))
+    result = runner.run([npm, "install", *NPM_INSTALL_OPTIONS, *location, *specs], name)
+    if result.error is not None and result.error != "aborted" and group.directory is not None:
+        result.error = f"{result.error} in npm project directory {directory}"
+    steps.append(result)
     return steps
 
 
@@ -210,13 +350,15 @@ def install_dependencies(
     env: Dict[str, str],
     abort_event: Optional[threading.Event] = None,
     on_output: Optional[OutputCallback] = None,
+    apt_lock_timeout_seconds: int = APT_LOCK_TIMEOUT_SECONDS,
 ) -> List[StepResult]:
     """Install apt, pip, pip3 and npm packages in that order, stopping at the first failed step.
 
-    `env` is the whole environment of the commands, and apt-get also gets
-    DEBIAN_FRONTEND=noninteractive, NEEDRESTART_MODE=a and
-    APT_LISTCHANGES_FRONTEND=none. The device root maps the virtualenv and npm
-    directory paths and is the working directory.
+    `env` is the whole environment of the commands. apt-get and dpkg also get
+    APT_ENVIRONMENT (no prompts, untranslated messages), and apt-get waits up
+    to `apt_lock_timeout_seconds` for a dpkg lock that another process holds.
+    The device root maps the virtualenv and npm directory paths and is the
+    working directory.
     NOTE: apt, pip without a virtualenv and global npm change this machine
     itself even when a device root is set.
     """
@@ -228,8 +370,8 @@ def install_dependencies(
         return _GroupRunner(timeout_seconds, manager_env, cwd, abort_event, on_output)
 
     if dependencies.apt is not None and dependencies.apt.packages:
-        apt_env = {**env, **APT_ENVIRONMENT}
-        steps.extend(_install_apt(dependencies.apt, runner_for(dependencies.apt.timeout_seconds, apt_env)))
+        apt_runner = runner_for(dependencies.apt.timeout_seconds, _apt_environment(env))
+        steps.extend(_install_apt(dependencies.apt, apt_runner, apt_lock_timeout_seconds))
         if steps[-1].error is not None:
             return steps
 
