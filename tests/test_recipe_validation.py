@@ -282,7 +282,7 @@ def test_validate_recipe_rejects_stage_as_text():
 
 
 def test_validate_recipe_accepts_file_entry():
-    entry = make_file_entry(mode="0640", kind="file", artifact=DIGEST, size_bytes=0)
+    entry = make_file_entry(mode="0640", kind="file", artifact=DIGEST, size_bytes=0, replace=True)
 
     recipe = Recipe.model_validate(make_recipe_data(files=[entry]))
 
@@ -720,6 +720,7 @@ def test_validate_recipe_defaults_rollback():
     rollback = Recipe.model_validate(make_recipe_data()).rollback
 
     assert rollback.revert_files is True
+    assert rollback.revert_packages is True
     assert rollback.command is None
     assert rollback.command_timeout_seconds == 300
     assert rollback.reboot is False
@@ -728,6 +729,7 @@ def test_validate_recipe_defaults_rollback():
 def test_validate_recipe_accepts_rollback():
     rollback = {
         "revert_files": False,
+        "revert_packages": False,
         "command": "systemctl restart app",
         "command_timeout_seconds": 86400,
         "reboot": True,

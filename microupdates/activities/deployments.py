@@ -9,16 +9,22 @@ from temporalio import activity
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.session import Database
+from microupdates.job_aborts import end_queued_jobs
 from microupdates.workflows.contracts import (
     FINISH_DEPLOYMENT_ACTIVITY,
     LIST_DEPLOYMENT_DEVICES_ACTIVITY,
+    MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY,
+    REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
     RECORD_DEVICE_OUTCOME_ACTIVITY,
     START_DEPLOYMENT_ACTIVITY,
     DeploymentPlan,
+    DevicePage,
     FinishDeploymentInput,
     FinishDeploymentResult,
     ListDeploymentDevicesInput,
+    MarkUnstartedDevicesAbortedInput,
     RecordDeviceOutcomeInput,
+    RequestDeploymentAbortInput,
     StartDeploymentInput,
 )
 
@@ -42,6 +48,7 @@ class DeploymentActivities:
             deployment = deployment_store.load_deployment(session, deployment_id)
             recipe = deployment_store.load_recipe(session, deployment.update_id)
             device_count = deployment_store.freeze_deployment_targets(session, deployment_id)
+            timeouts = deployment_store.effective_timeouts(deployment, recipe)
 
         stage_timeouts = {
             "before": recipe.before.timeout_seconds if recipe.before else 0,
@@ -60,27 +67,61 @@ class DeploymentActivities:
             update_version=recipe.version,
             stages=recipe.stages(),
             stage_timeout_seconds=stage_timeouts,
-            check_in_deadline_seconds=recipe.timeouts.check_in_deadline_seconds,
-            heartbeat_timeout_seconds=recipe.timeouts.heartbeat_timeout_seconds,
+            check_in_deadline_seconds=timeouts.check_in_deadline_seconds,
+            heartbeat_timeout_seconds=timeouts.heartbeat_timeout_seconds,
             device_count=device_count,
+            revert_files=recipe.rollback.revert_files,
+            revert_packages=recipe.rollback.revert_packages,
+            rollback_command_timeout_seconds=(
+                recipe.rollback.command_timeout_seconds if recipe.rollback.command else None
+            ),
+            reboot=recipe.rollback.reboot,
         )
 
     @activity.defn(name=LIST_DEPLOYMENT_DEVICES_ACTIVITY)
-    async def list_deployment_devices(self, request: ListDeploymentDevicesInput) -> list[str]:
-        def read() -> list[str]:
+    async def list_deployment_devices(self, request: ListDeploymentDevicesInput) -> DevicePage:
+        def read() -> DevicePage:
             with self.database.session() as session:
-                return deployment_store.list_deployment_device_ids(
+                device_ids = deployment_store.list_deployment_device_ids(
                     session, request.deployment_id, request.after_device_id, request.limit
                 )
+                deployment = deployment_store.load_deployment(session, request.deployment_id)
+                return DevicePage(device_ids, deployment.abort_requested_at is not None)
 
         return await asyncio.to_thread(read)
+
+    @activity.defn(name=MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY)
+    async def mark_unstarted_devices_aborted(self, request: MarkUnstartedDevicesAbortedInput) -> int:
+        def write() -> int:
+            with self.database.session() as session:
+                return deployment_store.mark_unstarted_devices_aborted(
+                    session, request.deployment_id, request.after_device_id
+                )
+
+        count = await asyncio.to_thread(write)
+        activity.logger.info("Deployment %s aborted: %d devices never started", request.deployment_id, count)
+        return count
+
+    @activity.defn(name=REQUEST_DEPLOYMENT_ABORT_ACTIVITY)
+    async def request_deployment_abort(self, request: RequestDeploymentAbortInput) -> int:
+        """Flag the deployment as aborted and end its queued jobs, as the API's abort does."""
+
+        def flag() -> None:
+            with self.database.session() as session:
+                deployment_store.request_abort(session, request.deployment_id, None)
+
+        await asyncio.to_thread(flag)
+        ended = await end_queued_jobs(self.database, activity.client(), request.deployment_id, None)
+        activity.logger.info("Deployment %s aborted by a cancel: %d queued jobs ended", request.deployment_id, ended)
+        return ended
 
     @activity.defn(name=RECORD_DEVICE_OUTCOME_ACTIVITY)
     async def record_device_outcome(self, request: RecordDeviceOutcomeInput) -> None:
         def write() -> None:
             with self.database.session() as session:
                 deployment_store.record_device_outcome(
-                    session, request.deployment_id, request.device_id, request.status, request.stage, request.error
+                    session, request.deployment_id, request.device_id, request.status, request.stage, request.error,
+                    request.rollback_error,
                 )
                 job_store.expire_open_jobs(session, request.deployment_id, request.device_id)
 

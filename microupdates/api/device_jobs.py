@@ -6,22 +6,29 @@ import asyncio
 import logging
 import time
 
-from temporalio.client import AsyncActivityCancelledError, Client
+from temporalio.client import AsyncActivityCancelledError, AsyncActivityHandle, Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.job_notifier import JobNotifier, deployment_key, device_key
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.models import StageJob as StageJobRow
 from microupdates.db.session import Database
 from microupdates.errors import ConflictError
-from microupdates.protocol.device_api import CheckInResponse, ProgressResponse, StageJob, StageReport
-from microupdates.protocol.recipe import Recipe
+from microupdates.protocol.device_api import (
+    ROLLBACK_COMMAND_STAGE,
+    CheckInResponse,
+    ProgressResponse,
+    StageJob,
+    StageReport,
+)
+from microupdates.protocol.recipe import CommandStage, DeviceTimeouts, Recipe
+from microupdates.job_aborts import ABORTABLE_STAGES, end_queued_jobs, fail_job_aborted
 from microupdates.workflows.contracts import StageOutcome
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_SECONDS = 10
+MAX_PROGRESS_WAIT_SECONDS = 20
 MAX_OUTCOME_ERROR_CHARS = 1000
 
 
@@ -35,7 +42,8 @@ class DeviceJobs:
     async def check_in(self, device_id: str, wait_seconds: int) -> CheckInResponse:
         """Return the device's next job, waiting up to `wait_seconds` for one to be queued."""
 
-        event = self.notifier.register(device_id)
+        keys = [device_key(device_id)]
+        event = self.notifier.register(keys)
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
@@ -52,7 +60,7 @@ class DeviceJobs:
                     return CheckInResponse()
                 event.clear()
         finally:
-            self.notifier.unregister(device_id, event)
+            self.notifier.unregister(keys, event)
 
     async def _take_next_job(self, device_id: str) -> StageJob | None:
         while True:
@@ -61,6 +69,9 @@ class DeviceJobs:
                 return None
 
             handle = self.client.get_async_activity_handle(task_token=row.task_token)
+            if row.stage in ABORTABLE_STAGES and await asyncio.to_thread(self._abort_requested, row):
+                await self._fail_aborted(handle, row)
+                continue
             if row.stage == job_store.CHECK_IN_STAGE:
                 await self._complete(handle, row, None)
                 continue
@@ -89,6 +100,16 @@ class DeviceJobs:
             session.expunge(row)
             return row
 
+    def _abort_requested(self, row: StageJobRow) -> bool:
+        with self.database.session() as session:
+            return deployment_store.is_abort_requested(session, row.deployment_id, row.device_id)
+
+    async def _fail_aborted(self, handle: AsyncActivityHandle, row: StageJobRow) -> None:
+        await fail_job_aborted(self.database, handle, row)
+
+    async def abort_queued_jobs(self, deployment_id: str, device_id: str | None) -> int:
+        return await end_queued_jobs(self.database, self.client, deployment_id, device_id)
+
     def _write(self, function, *args) -> None:
         with self.database.session() as session:
             function(session, *args)
@@ -106,14 +127,14 @@ class DeviceJobs:
             await asyncio.to_thread(self._write, job_store.mark_job_reported, row.id, {"status": "succeeded"})
 
     def _build_job(self, row: StageJobRow) -> StageJob:
-        recipe = self._load_recipe(row.deployment_id)
+        recipe, timeouts = self._load_recipe(row.deployment_id)
         job = StageJob(
             job_id=row.id,
             deployment_id=row.deployment_id,
             device_id=row.device_id,
             update_version=recipe.version,
             stage=row.stage,
-            progress_interval_seconds=PROGRESS_INTERVAL_SECONDS,
+            progress_interval_seconds=progress_wait_seconds(timeouts),
         )
         if row.stage == "before":
             job.command = recipe.before
@@ -123,31 +144,56 @@ class DeviceJobs:
             job.files = recipe.files
         elif row.stage == "dependencies":
             job.dependencies = recipe.dependencies
+        elif row.stage == ROLLBACK_COMMAND_STAGE and recipe.rollback.command:
+            job.command = CommandStage(run=recipe.rollback.command,
+                                       timeout_seconds=recipe.rollback.command_timeout_seconds)
         return job
 
-    def _load_recipe(self, deployment_id: str) -> Recipe:
+    def _load_recipe(self, deployment_id: str) -> tuple[Recipe, DeviceTimeouts]:
         # Updates never change after creation, so their recipes are cached per process.
         with self.database.session() as session:
-            update_id = deployment_store.load_deployment(session, deployment_id).update_id
-            if update_id not in self._recipes:
-                self._recipes[update_id] = deployment_store.load_recipe(session, update_id)
-        return self._recipes[update_id]
+            deployment = deployment_store.load_deployment(session, deployment_id)
+            if deployment.update_id not in self._recipes:
+                self._recipes[deployment.update_id] = deployment_store.load_recipe(session, deployment.update_id)
+            recipe = self._recipes[deployment.update_id]
+            return recipe, deployment_store.effective_timeouts(deployment, recipe)
 
-    async def report_progress(self, device_id: str, job_id: int) -> ProgressResponse:
+    async def report_progress(self, device_id: str, job_id: int, wait_seconds: int) -> ProgressResponse:
+        """Heartbeat the stage, then hold the request up to `wait_seconds`, answering at once on abort."""
+
         row = await asyncio.to_thread(self._load_job, device_id, job_id)
         if row.state != "running":
             raise ConflictError(f"Job {job_id} is {row.state}, not running; stop it.")
+        abortable = row.stage in ABORTABLE_STAGES
+        keys = [device_key(device_id), deployment_key(row.deployment_id)]
+        event = self.notifier.register(keys)
+        try:
+            if await self._heartbeat_or_abort(row, abortable):
+                return ProgressResponse(abort=True)
+            try:
+                await asyncio.wait_for(event.wait(), min(wait_seconds, MAX_PROGRESS_WAIT_SECONDS))
+            except asyncio.TimeoutError:
+                return ProgressResponse()
+            return ProgressResponse(abort=abortable and await asyncio.to_thread(self._abort_requested, row))
+        finally:
+            self.notifier.unregister(keys, event)
+
+    async def _heartbeat_or_abort(self, row: StageJobRow, abortable: bool) -> bool:
+        """Record a heartbeat; True when the device must stop the stage."""
+
+        if abortable and await asyncio.to_thread(self._abort_requested, row):
+            return True
         handle = self.client.get_async_activity_handle(task_token=row.task_token)
         try:
             await handle.heartbeat()
         except AsyncActivityCancelledError:
-            return ProgressResponse(abort=True)
+            return True
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise
             await asyncio.to_thread(self._write, job_store.expire_job, row.id)
-            raise ConflictError(f"Job {job_id} has ended on the server (timed out); stop it.") from error
-        return ProgressResponse()
+            raise ConflictError(f"Job {row.id} has ended on the server (timed out); stop it.") from error
+        return False
 
     async def report_result(self, device_id: str, job_id: int, report: StageReport) -> str:
         """Store the device's report and complete the activity; a repeated report changes nothing."""
@@ -184,3 +230,9 @@ class DeviceJobs:
             row = job_store.load_device_job(session, job_id, device_id)
             session.expunge(row)
             return row
+
+
+def progress_wait_seconds(timeouts: DeviceTimeouts) -> int:
+    """How long a progress report waits: a third of the heartbeat timeout, so two can be lost in a row."""
+
+    return max(1, min(MAX_PROGRESS_WAIT_SECONDS, timeouts.heartbeat_timeout_seconds // 3))

@@ -1,9 +1,13 @@
-"""Wakes long-polling check-ins when a job is queued for their device.
+"""Wakes long-polling requests when a job is queued for their device or their update is aborted.
 
-One background task per API process reads the ids of new stage jobs every
-`poll_interval_seconds` and sets the event of each waiting device. The cost is
-one indexed query per interval whatever the fleet size, and it works with
-several API processes, since every process reads the shared database.
+One background task per API process reads the ids of new stage jobs and abort
+requests every `poll_interval_seconds` and sets the events of the waiting
+requests. The cost is two indexed queries per interval whatever the fleet
+size, and it works with several API processes, since every process reads the
+shared database.
+
+Waiters register under a key: `device_key(device_id)` or
+`deployment_key(deployment_id)`.
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ DEFAULT_POLL_INTERVAL_SECONDS = 0.2
 READ_LIMIT = 5000
 
 
+def device_key(device_id: str) -> str:
+    return f"device:{device_id}"
+
+
+def deployment_key(deployment_id: str) -> str:
+    return f"deployment:{deployment_id}"
+
+
 class JobNotifier:
     def __init__(self, database: Database, poll_interval_seconds: float = DEFAULT_POLL_INTERVAL_SECONDS) -> None:
         self.database = database
         self.poll_interval_seconds = poll_interval_seconds
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._last_job_id = 0
+        self._last_abort_id = 0
         self._task: asyncio.Task | None = None
 
     @property
@@ -33,7 +46,7 @@ class JobNotifier:
         return sum(len(events) for events in self._waiters.values())
 
     async def start(self) -> None:
-        self._last_job_id = await asyncio.to_thread(self._read_max_job_id)
+        self._last_job_id, self._last_abort_id = await asyncio.to_thread(self._read_max_ids)
         self._task = asyncio.create_task(self._run(), name="job-notifier")
 
     async def stop(self) -> None:
@@ -44,41 +57,48 @@ class JobNotifier:
             except asyncio.CancelledError:
                 pass
 
-    def register(self, device_id: str) -> asyncio.Event:
-        """Register interest before reading the queue, so a job queued in between still wakes the device."""
+    def register(self, keys: list[str]) -> asyncio.Event:
+        """Register interest before reading the database, so a change in between still wakes the request."""
 
         event = asyncio.Event()
-        self._waiters.setdefault(device_id, set()).add(event)
+        for key in keys:
+            self._waiters.setdefault(key, set()).add(event)
         return event
 
-    def unregister(self, device_id: str, event: asyncio.Event) -> None:
-        events = self._waiters.get(device_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
-                del self._waiters[device_id]
+    def unregister(self, keys: list[str], event: asyncio.Event) -> None:
+        for key in keys:
+            events = self._waiters.get(key)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[key]
 
-    def notify(self, device_id: str) -> None:
-        for event in self._waiters.get(device_id, ()):
+    def notify(self, key: str) -> None:
+        for event in self._waiters.get(key, ()):
             event.set()
 
     async def _run(self) -> None:
         while True:
             try:
-                new_jobs = await asyncio.to_thread(self._read_new_jobs)
+                new_jobs, new_aborts = await asyncio.to_thread(self._read_changes)
                 for job_id, device_id in new_jobs:
                     self._last_job_id = max(self._last_job_id, job_id)
-                    self.notify(device_id)
+                    self.notify(device_key(device_id))
+                for abort_id, deployment_id, device_id in new_aborts:
+                    self._last_abort_id = max(self._last_abort_id, abort_id)
+                    self.notify(device_key(device_id) if device_id else deployment_key(deployment_id))
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the notifier must outlive a database hiccup
                 logger.exception("Reading new stage jobs failed; retrying in %s s", self.poll_interval_seconds)
             await asyncio.sleep(self.poll_interval_seconds)
 
-    def _read_new_jobs(self) -> list[tuple[int, str]]:
+    def _read_changes(self) -> tuple[list[tuple[int, str]], list[tuple[int, str, str | None]]]:
         with self.database.session() as session:
-            return job_store.job_ids_after(session, self._last_job_id, READ_LIMIT)
+            jobs = job_store.job_ids_after(session, self._last_job_id, READ_LIMIT)
+            aborts = job_store.abort_requests_after(session, self._last_abort_id, READ_LIMIT)
+            return jobs, aborts
 
-    def _read_max_job_id(self) -> int:
+    def _read_max_ids(self) -> tuple[int, int]:
         with self.database.session() as session:
-            return job_store.max_job_id(session)
+            return job_store.max_job_id(session), job_store.max_abort_request_id(session)

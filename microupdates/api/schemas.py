@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from microupdates.protocol.recipe import NAME_PATTERN, Recipe, TargetSelection
+from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
 
 
 def check_label(value: str) -> str:
@@ -85,12 +85,22 @@ class DeploymentCreate(BaseModel):
     targets: TargetSelection | None = Field(
         default=None, description="Devices and groups; the recipe's targets when omitted."
     )
+    timeouts: DeviceTimeouts | None = Field(
+        default=None, description="Check-in deadline and heartbeat timeout; the recipe's when omitted."
+    )
 
 
 class DeploymentCreated(BaseModel):
     id: str
     workflow_id: str
     status: str
+
+
+class AbortResult(BaseModel):
+    deployment_id: str
+    device_id: str | None
+    accepted: bool = Field(description="False when the deployment or device had already ended or been aborted.")
+    jobs_ended: int = Field(description="Queued jobs ended at once, without contacting their devices.")
 
 
 class DeploymentSummary(BaseModel):
@@ -104,13 +114,16 @@ class DeploymentSummary(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None = None
+    abort_requested: bool = False
 
 
 class DeploymentDevicePublic(BaseModel):
     device_id: str
     status: str
-    stage: str | None
+    stage: str | None = Field(description="The current stage, or the stage that failed.")
     error: str | None
+    rollback_error: str | None = Field(description="Which rollback step failed and why.")
+    abort_requested: bool
     started_at: datetime | None
     finished_at: datetime | None
 

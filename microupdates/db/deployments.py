@@ -9,12 +9,22 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, Update, utc_now
+from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, Update, utc_now
 from microupdates.errors import InvalidRequestError, NotFoundError
-from microupdates.protocol.recipe import Recipe, TargetSelection
-
-FINAL_DEVICE_STATUSES = ("succeeded", "failed", "timed_out")
-FINAL_DEPLOYMENT_STATUSES = ("succeeded", "failed", "failed_to_start")
+from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
+from microupdates.workflows.contracts import (
+    DEPLOYMENT_ABORTED,
+    DEPLOYMENT_FAILED,
+    DEPLOYMENT_FAILED_TO_START,
+    DEPLOYMENT_IN_PROGRESS,
+    DEPLOYMENT_SUCCEEDED,
+    DEVICE_ABORTED,
+    DEVICE_IN_PROGRESS,
+    DEVICE_PENDING,
+    DEVICE_SUCCEEDED,
+    FINAL_DEPLOYMENT_STATUSES,
+    FINAL_DEVICE_STATUSES,
+)
 TARGET_INSERT_PAGE_SIZE = 1000
 
 
@@ -61,7 +71,9 @@ def list_updates(session: Session, limit: int) -> list[Update]:
     return list(session.scalars(select(Update).order_by(Update.created_at.desc()).limit(limit)))
 
 
-def create_deployment(session: Session, update_id: str, targets: TargetSelection) -> Deployment:
+def create_deployment(
+    session: Session, update_id: str, targets: TargetSelection, timeouts: DeviceTimeouts | None = None
+) -> Deployment:
     """Insert a pending deployment after checking that its targets exist."""
 
     load_update(session, update_id)
@@ -76,7 +88,12 @@ def create_deployment(session: Session, update_id: str, targets: TargetSelection
         if member.first() is None:
             raise InvalidRequestError(f"Unknown group in the target: {group!r} has no devices.")
 
-    row = Deployment(id=new_id("dep"), update_id=update_id, targets=targets.model_dump(mode="json"))
+    row = Deployment(
+        id=new_id("dep"),
+        update_id=update_id,
+        targets=targets.model_dump(mode="json"),
+        timeouts=timeouts.model_dump(mode="json") if timeouts is not None else None,
+    )
     session.add(row)
     return row
 
@@ -108,7 +125,7 @@ def freeze_deployment_targets(session: Session, deployment_id: str) -> int:
         session.flush()
 
     deployment.device_count = len(ordered)
-    deployment.status = "in_progress"
+    deployment.status = DEPLOYMENT_IN_PROGRESS
     deployment.started_at = utc_now()
     return deployment.device_count
 
@@ -136,20 +153,74 @@ def mark_device_stage(session: Session, deployment_id: str, device_id: str, stag
             DeploymentDevice.device_id == device_id,
             DeploymentDevice.status.not_in(FINAL_DEVICE_STATUSES),
         )
-        .values(status="in_progress", stage=stage, started_at=func.coalesce(DeploymentDevice.started_at, now))
+        .values(status=DEVICE_IN_PROGRESS, stage=stage, started_at=func.coalesce(DeploymentDevice.started_at, now))
     )
 
 
 def record_device_outcome(
-    session: Session, deployment_id: str, device_id: str, status: str, stage: str | None, error: str | None
+    session: Session,
+    deployment_id: str,
+    device_id: str,
+    status: str,
+    stage: str | None,
+    error: str | None,
+    rollback_error: str | None = None,
 ) -> None:
-    row = session.get(DeploymentDevice, (deployment_id, device_id))
-    if row is None:
-        raise NotFoundError(f"Device {device_id!r} is not part of deployment {deployment_id!r}.")
+    row = load_deployment_device(session, deployment_id, device_id)
     row.status = status
     row.stage = stage
     row.error = error
+    row.rollback_error = rollback_error
     row.finished_at = utc_now()
+
+
+def mark_unstarted_devices_aborted(session: Session, deployment_id: str, after_device_id: str | None) -> int:
+    """Mark the devices the workflow never started (ids after the last started one) as aborted."""
+
+    query = (
+        update(DeploymentDevice)
+        .where(DeploymentDevice.deployment_id == deployment_id, DeploymentDevice.status == DEVICE_PENDING)
+        .values(status=DEVICE_ABORTED, error="aborted before the device started", finished_at=utc_now())
+    )
+    if after_device_id is not None:
+        query = query.where(DeploymentDevice.device_id > after_device_id)
+    return session.execute(query).rowcount
+
+
+def request_abort(session: Session, deployment_id: str, device_id: str | None) -> bool:
+    """Flag a deployment, or one of its devices, as aborted; False when it had already ended or was flagged."""
+
+    deployment = load_deployment(session, deployment_id)
+    if deployment.status in FINAL_DEPLOYMENT_STATUSES:
+        return False
+
+    if device_id is None:
+        if deployment.abort_requested_at is not None:
+            return False
+        deployment.abort_requested_at = utc_now()
+    else:
+        row = load_deployment_device(session, deployment_id, device_id)
+        if row.status in FINAL_DEVICE_STATUSES or row.abort_requested_at is not None:
+            return False
+        row.abort_requested_at = utc_now()
+    session.add(AbortRequest(deployment_id=deployment_id, device_id=device_id))
+    return True
+
+
+def is_abort_requested(session: Session, deployment_id: str, device_id: str) -> bool:
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is not None and deployment.abort_requested_at is not None:
+        return True
+    row = session.get(DeploymentDevice, (deployment_id, device_id))
+    return row is not None and row.abort_requested_at is not None
+
+
+def effective_timeouts(deployment: Deployment, recipe: Recipe) -> DeviceTimeouts:
+    """The deployment's own timeouts when it set them, else the recipe's."""
+
+    if deployment.timeouts:
+        return DeviceTimeouts.model_validate(deployment.timeouts)
+    return recipe.timeouts
 
 
 def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int]:
@@ -166,15 +237,19 @@ def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[s
 
     deployment = load_deployment(session, deployment_id)
     counts = count_device_statuses(session, deployment_id)
-    succeeded = counts.get("succeeded", 0)
-    deployment.status = "succeeded" if succeeded == deployment.device_count else "failed"
+    if deployment.abort_requested_at is not None:
+        deployment.status = DEPLOYMENT_ABORTED
+    elif counts.get(DEVICE_SUCCEEDED, 0) == deployment.device_count:
+        deployment.status = DEPLOYMENT_SUCCEEDED
+    else:
+        deployment.status = DEPLOYMENT_FAILED
     deployment.finished_at = utc_now()
     return deployment.status, counts
 
 
 def mark_deployment_not_started(session: Session, deployment_id: str, error: str) -> None:
     deployment = load_deployment(session, deployment_id)
-    deployment.status = "failed_to_start"
+    deployment.status = DEPLOYMENT_FAILED_TO_START
     deployment.error = error
     deployment.finished_at = utc_now()
 

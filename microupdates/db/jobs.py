@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import StageJob, utc_now
+from microupdates.db.models import AbortRequest, StageJob, utc_now
 from microupdates.errors import NotFoundError
 
 CHECK_IN_STAGE = "check_in"
@@ -130,3 +130,38 @@ def job_ids_after(session: Session, last_id: int, limit: int) -> list[tuple[int,
 def max_job_id(session: Session) -> int:
     value = session.scalar(select(StageJob.id).order_by(StageJob.id.desc()).limit(1))
     return value or 0
+
+
+def abort_requests_after(session: Session, last_id: int, limit: int) -> list[tuple[int, str, str | None]]:
+    rows = session.execute(
+        select(AbortRequest.id, AbortRequest.deployment_id, AbortRequest.device_id)
+        .where(AbortRequest.id > last_id)
+        .order_by(AbortRequest.id)
+        .limit(limit)
+    )
+    return [(abort_id, deployment_id, device_id) for abort_id, deployment_id, device_id in rows]
+
+
+def max_abort_request_id(session: Session) -> int:
+    value = session.scalar(select(AbortRequest.id).order_by(AbortRequest.id.desc()).limit(1))
+    return value or 0
+
+
+def queued_jobs_to_abort(
+    session: Session, deployment_id: str, device_id: str | None, stages: tuple[str, ...], limit: int
+) -> list[StageJob]:
+    """Queued jobs of update stages (not compensations) that an abort ends without the device."""
+
+    query = (
+        select(StageJob)
+        .where(
+            StageJob.deployment_id == deployment_id,
+            StageJob.state == "queued",
+            StageJob.stage.in_(stages),
+        )
+        .order_by(StageJob.id)
+        .limit(limit)
+    )
+    if device_id is not None:
+        query = query.where(StageJob.device_id == device_id)
+    return list(session.scalars(query))

@@ -79,9 +79,11 @@ class Deployment(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     update_id: Mapped[str] = mapped_column(ForeignKey("updates.id"))
     targets: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timeouts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     device_count: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    abort_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -98,8 +100,25 @@ class DeploymentDevice(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     stage: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    rollback_error: Mapped[str | None] = mapped_column(Text)
+    abort_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AbortRequest(Base):
+    """An operator's abort of a whole deployment (device_id empty) or of one device in it.
+
+    The API processes read new rows to wake the progress reports of the
+    affected devices, so the abort reaches a running stage within a second.
+    """
+
+    __tablename__ = "abort_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(String(32))
+    device_id: Mapped[str | None] = mapped_column(String(63))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
 class StageJob(Base):

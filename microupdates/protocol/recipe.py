@@ -179,7 +179,7 @@ class FileEntry(RecipeModel):
     kind: Optional[str] = None
     artifact: Optional[str] = None
     size_bytes: Optional[int] = Field(default=None, ge=0, strict=True)
-    replace: bool = Field(default=False, strict=True)
+    replace: bool = False
 
     @field_validator("destination")
     @classmethod
@@ -367,9 +367,14 @@ class Dependencies(RecipeModel):
 
 
 class RollbackSettings(RecipeModel):
-    """What to do on the device when the update fails."""
+    """What to do on the device when the update fails or is aborted.
+
+    Reverts run in reverse order of the stages that ran (packages, then files),
+    then the command, then the reboot.
+    """
 
     revert_files: bool = True
+    revert_packages: bool = True
     command: Optional[str] = None
     command_timeout_seconds: int = Field(
         default=DEFAULT_COMMAND_TIMEOUT_SECONDS, ge=1, le=MAX_TIMEOUT_SECONDS, strict=True

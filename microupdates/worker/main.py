@@ -33,6 +33,8 @@ def build_worker(client, database: Database, task_queue: str) -> Worker:
             deployment_activities.list_deployment_devices,
             deployment_activities.record_device_outcome,
             deployment_activities.finish_deployment,
+            deployment_activities.mark_unstarted_devices_aborted,
+            deployment_activities.request_deployment_abort,
             stage_activities.await_device_check_in,
             stage_activities.run_device_stage,
         ],

@@ -18,6 +18,34 @@ AWAIT_DEVICE_CHECK_IN_ACTIVITY = "await_device_check_in"
 RUN_DEVICE_STAGE_ACTIVITY = "run_device_stage"
 RECORD_DEVICE_OUTCOME_ACTIVITY = "record_device_outcome"
 FINISH_DEPLOYMENT_ACTIVITY = "finish_deployment"
+MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY = "mark_unstarted_devices_aborted"
+REQUEST_DEPLOYMENT_ABORT_ACTIVITY = "request_deployment_abort"
+
+ABORT_SIGNAL = "abort"
+# ApplicationError type of a stage or check-in that ended because the operator aborted.
+ABORTED_ERROR_TYPE = "Aborted"
+
+# Per-device statuses.
+DEVICE_PENDING = "pending"
+DEVICE_IN_PROGRESS = "in_progress"
+DEVICE_SUCCEEDED = "succeeded"
+DEVICE_FAILED = "failed"
+DEVICE_ROLLED_BACK = "rolled_back"
+DEVICE_ROLLBACK_FAILED = "rollback_failed"
+DEVICE_ABORTED = "aborted"
+DEVICE_TIMED_OUT = "timed_out"
+FINAL_DEVICE_STATUSES = (
+    DEVICE_SUCCEEDED, DEVICE_FAILED, DEVICE_ROLLED_BACK, DEVICE_ROLLBACK_FAILED, DEVICE_ABORTED, DEVICE_TIMED_OUT,
+)
+
+# Deployment statuses.
+DEPLOYMENT_PENDING = "pending"
+DEPLOYMENT_IN_PROGRESS = "in_progress"
+DEPLOYMENT_SUCCEEDED = "succeeded"
+DEPLOYMENT_FAILED = "failed"
+DEPLOYMENT_ABORTED = "aborted"
+DEPLOYMENT_FAILED_TO_START = "failed_to_start"
+FINAL_DEPLOYMENT_STATUSES = (DEPLOYMENT_SUCCEEDED, DEPLOYMENT_FAILED, DEPLOYMENT_ABORTED, DEPLOYMENT_FAILED_TO_START)
 
 # Time allowed for an online device to pick up a queued stage, on top of the
 # stage's own timeout.
@@ -43,6 +71,10 @@ class DeploymentPlan:
     check_in_deadline_seconds: int
     heartbeat_timeout_seconds: int
     device_count: int
+    revert_files: bool = True
+    revert_packages: bool = True
+    rollback_command_timeout_seconds: int | None = None
+    reboot: bool = False
 
 
 @dataclass
@@ -53,6 +85,7 @@ class DeploymentInput:
     plan: DeploymentPlan | None = None
     last_started_device_id: str | None = None
     outcome_counts: dict[str, int] = field(default_factory=dict)
+    aborted: bool = False
 
 
 @dataclass
@@ -75,6 +108,23 @@ class ListDeploymentDevicesInput:
 
 
 @dataclass
+class DevicePage:
+    device_ids: list[str]
+    abort_requested: bool
+
+
+@dataclass
+class MarkUnstartedDevicesAbortedInput:
+    deployment_id: str
+    after_device_id: str | None
+
+
+@dataclass
+class RequestDeploymentAbortInput:
+    deployment_id: str
+
+
+@dataclass
 class DeviceUpdateInput:
     deployment_id: str
     device_id: str
@@ -87,6 +137,7 @@ class DeviceUpdateResult:
     status: str
     stage: str | None = None
     error: str | None = None
+    rollback_error: str | None = None
 
 
 @dataclass
@@ -113,6 +164,7 @@ class RecordDeviceOutcomeInput:
     status: str
     stage: str | None
     error: str | None
+    rollback_error: str | None = None
 
 
 @dataclass

@@ -19,7 +19,13 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from microupdates.workflows.contracts import (
+        ABORT_SIGNAL,
         DEPLOYMENT_WORKFLOW,
+        MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY,
+        REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
+        DevicePage,
+        MarkUnstartedDevicesAbortedInput,
+        RequestDeploymentAbortInput,
         FINISH_DEPLOYMENT_ACTIVITY,
         LIST_DEPLOYMENT_DEVICES_ACTIVITY,
         START_DEPLOYMENT_ACTIVITY,
@@ -50,21 +56,39 @@ class DeploymentWorkflow:
     def __init__(self) -> None:
         self._running = 0
         self._outcome_counts: dict[str, int] = {}
+        self._aborted = False
+        self._cancelled = False
+        self._last_started: str | None = None
 
     @workflow.run
     async def run(self, deployment: DeploymentInput) -> DeploymentResult:
         self._outcome_counts = dict(deployment.outcome_counts)
-        plan = deployment.plan or await self._start(deployment.deployment_id)
+        self._aborted = self._aborted or deployment.aborted
+        self._last_started = deployment.last_started_device_id
+        plan = deployment.plan
+        try:
+            plan = plan or await self._start(deployment.deployment_id)
+            more_devices = await self._update_devices(deployment, plan)
+        except asyncio.CancelledError:
+            more_devices = await self._abort_after_cancel(deployment.deployment_id)
 
-        more_devices, last_started = await self._update_devices(deployment, plan)
-        if more_devices:
+        if self._aborted:
+            # Devices after the last started one never get a child: they end aborted without contact.
+            await workflow.execute_activity(
+                MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY,
+                MarkUnstartedDevicesAbortedInput(deployment.deployment_id, self._last_started),
+                start_to_close_timeout=DATABASE_ACTIVITY_TIMEOUT,
+                retry_policy=DATABASE_RETRY,
+            )
+        elif more_devices:
             workflow.continue_as_new(
                 DeploymentInput(
                     deployment_id=deployment.deployment_id,
                     max_concurrent_devices=deployment.max_concurrent_devices,
                     plan=plan,
-                    last_started_device_id=last_started,
+                    last_started_device_id=self._last_started,
                     outcome_counts=self._outcome_counts,
+                    aborted=self._aborted,
                 )
             )
 
@@ -78,11 +102,39 @@ class DeploymentWorkflow:
         workflow.logger.info(
             "Deployment %s finished %s: %s", deployment.deployment_id, finished.status, finished.outcome_counts
         )
+        if self._cancelled:
+            raise asyncio.CancelledError()
         return DeploymentResult(deployment.deployment_id, finished.status, finished.outcome_counts)
 
     @workflow.query
     def outcome_counts(self) -> dict[str, int]:
         return dict(self._outcome_counts, running=self._running)
+
+    @workflow.signal(name=ABORT_SIGNAL)
+    def abort(self) -> None:
+        """Stop starting devices. Running devices learn of the abort from the API at their next report."""
+
+        self._aborted = True
+
+    async def _abort_after_cancel(self, deployment_id: str) -> bool:
+        """Handle a Temporal cancel (for example from the Web UI) like an operator's abort.
+
+        The abort is recorded in the database, which ends queued jobs and
+        reaches running devices through their progress reports, so no cancel
+        request goes to each child. Returns False: no devices remain to start.
+        """
+
+        workflow.logger.info("Deployment %s was cancelled; aborting it", deployment_id)
+        self._cancelled = True
+        self._aborted = True
+        await workflow.execute_activity(
+            REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
+            RequestDeploymentAbortInput(deployment_id),
+            start_to_close_timeout=DATABASE_ACTIVITY_TIMEOUT,
+            retry_policy=DATABASE_RETRY,
+        )
+        await workflow.wait_condition(lambda: self._running == 0)
+        return False
 
     async def _start(self, deployment_id: str) -> DeploymentPlan:
         return await workflow.execute_activity(
@@ -94,43 +146,49 @@ class DeploymentWorkflow:
             summary=f"freeze the targets of deployment {deployment_id}",
         )
 
-    async def _update_devices(self, deployment: DeploymentInput, plan: DeploymentPlan) -> tuple[bool, str | None]:
-        """Start children page by page; return whether devices remain for the next run, and the last started."""
+    async def _update_devices(self, deployment: DeploymentInput, plan: DeploymentPlan) -> bool:
+        """Start children page by page; return whether devices remain for the next run."""
 
-        last_started = deployment.last_started_device_id
         started_this_run = 0
-        while True:
-            page: list[str] = await workflow.execute_activity(
+        while not self._aborted:
+            page: DevicePage = await workflow.execute_activity(
                 LIST_DEPLOYMENT_DEVICES_ACTIVITY,
-                ListDeploymentDevicesInput(deployment.deployment_id, last_started, DEVICE_PAGE_SIZE),
-                result_type=list[str],
+                ListDeploymentDevicesInput(deployment.deployment_id, self._last_started, DEVICE_PAGE_SIZE),
+                result_type=DevicePage,
                 start_to_close_timeout=DATABASE_ACTIVITY_TIMEOUT,
                 retry_policy=DATABASE_RETRY,
             )
-            if not page:
+            # The database flag covers an abort whose signal was lost.
+            self._aborted = self._aborted or page.abort_requested
+            if not page.device_ids:
                 break
 
-            for device_id in page:
-                await workflow.wait_condition(lambda: self._running < deployment.max_concurrent_devices)
+            for device_id in page.device_ids:
+                await workflow.wait_condition(
+                    lambda: self._running < deployment.max_concurrent_devices or self._aborted
+                )
+                if self._aborted:
+                    break
                 await self._start_device(deployment.deployment_id, device_id, plan)
-                last_started = device_id
+                self._last_started = device_id
                 started_this_run += 1
 
-            if len(page) < DEVICE_PAGE_SIZE:
+            if len(page.device_ids) < DEVICE_PAGE_SIZE:
                 break
             if started_this_run >= MAX_CHILDREN_PER_RUN or workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(lambda: self._running == 0)
-                return True, last_started
+                return True
 
         await workflow.wait_condition(lambda: self._running == 0)
-        return False, last_started
+        return False
 
     async def _start_device(self, deployment_id: str, device_id: str, plan: DeploymentPlan) -> None:
         handle = await workflow.start_child_workflow(
             DeviceUpdateWorkflow.run,
             DeviceUpdateInput(deployment_id, device_id, plan),
             id=device_workflow_id(deployment_id, device_id),
-            parent_close_policy=ParentClosePolicy.TERMINATE,
+            # Reached only when this workflow is terminated: a cancel is handled as an abort first.
+            parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
             static_summary=f"update {plan.update_version} on device {device_id}",
             static_details=f"deployment {deployment_id}, stages: {', '.join(plan.stages)}",
         )

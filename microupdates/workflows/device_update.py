@@ -1,20 +1,44 @@
-"""One device's update: wait for the device to check in, then run each stage on it."""
+"""One device's update: wait for the device to check in, run each stage on it, roll back on failure.
+
+Rollback is a saga. Before the files and dependencies stages run, their
+reverts are registered; when a stage fails, is aborted or the device is lost,
+the registered reverts run on the device in reverse order, then the recipe's
+rollback command and reboot. Every compensation is idempotent on the agent, so
+running one again after a lost report is harmless.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
+    from microupdates.protocol.device_api import (
+        REBOOT_STAGE,
+        REVERT_FILES_STAGE,
+        REVERT_PACKAGES_STAGE,
+        ROLLBACK_COMMAND_STAGE,
+        STAGE_ABORTED,
+        STAGE_SUCCEEDED,
+    )
     from microupdates.workflows.contracts import (
+        ABORTED_ERROR_TYPE,
         AWAIT_DEVICE_CHECK_IN_ACTIVITY,
+        DEVICE_ABORTED,
+        DEVICE_FAILED,
+        DEVICE_ROLLBACK_FAILED,
+        DEVICE_ROLLED_BACK,
+        DEVICE_SUCCEEDED,
+        DEVICE_TIMED_OUT,
         DEVICE_UPDATE_WORKFLOW,
         RECORD_DEVICE_OUTCOME_ACTIVITY,
         RUN_DEVICE_STAGE_ACTIVITY,
         STAGE_PICKUP_ALLOWANCE_SECONDS,
+        DeploymentPlan,
         DeviceUpdateInput,
         DeviceUpdateResult,
         RecordDeviceOutcomeInput,
@@ -27,27 +51,72 @@ with workflow.unsafe.imports_passed_through():
 NO_RETRY = RetryPolicy(maximum_attempts=1)
 RECORD_TIMEOUT = timedelta(seconds=60)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+# Time for the revert stages themselves once the device has picked them up.
+REVERT_STAGE_SECONDS = 1800
+
+
+class StageFailure(Exception):
+    """Raised inside the workflow when a stage did not succeed.
+
+    `aborted` is true when the operator stopped it, `cancelled` when that came
+    as a Temporal cancel of this workflow (for example from the Web UI).
+    """
+
+    def __init__(self, stage: str, reason: str, aborted: bool = False, cancelled: bool = False) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+        self.aborted = aborted or cancelled
+        self.cancelled = cancelled
 
 
 @workflow.defn(name=DEVICE_UPDATE_WORKFLOW)
 class DeviceUpdateWorkflow:
+    def __init__(self) -> None:
+        self._cancelled = False
+
     @workflow.run
     async def run(self, update: DeviceUpdateInput) -> DeviceUpdateResult:
-        result = await self._await_check_in(update)
-        if result is None:
-            result = await self._run_stages(update)
+        result = await self._update(update)
 
         await workflow.execute_activity(
             RECORD_DEVICE_OUTCOME_ACTIVITY,
-            RecordDeviceOutcomeInput(update.deployment_id, update.device_id, result.status, result.stage, result.error),
+            RecordDeviceOutcomeInput(
+                update.deployment_id, update.device_id, result.status, result.stage, result.error,
+                result.rollback_error,
+            ),
             start_to_close_timeout=RECORD_TIMEOUT,
             retry_policy=RECORD_RETRY,
         )
+        if self._cancelled:
+            # The outcome is recorded and the device rolled back; now the cancel ends the workflow.
+            raise asyncio.CancelledError()
         return result
 
-    async def _await_check_in(self, update: DeviceUpdateInput) -> DeviceUpdateResult | None:
-        """Wait until the device checks in; return a timed_out result when it never does."""
+    async def _update(self, update: DeviceUpdateInput) -> DeviceUpdateResult:
+        """Run the update and return its result; a Temporal cancel is handled like an abort."""
 
+        try:
+            await self._await_check_in(update)
+        except StageFailure as failure:
+            self._cancelled = failure.cancelled
+            if failure.aborted:
+                status = DEVICE_ABORTED
+            elif failure.stage == "check_in" and failure.reason.startswith("the device did not check in"):
+                status = DEVICE_TIMED_OUT
+            else:
+                status = DEVICE_FAILED
+            return DeviceUpdateResult(update.device_id, status, failure.stage, failure.reason)
+
+        compensations: list[str] = []
+        try:
+            await self._run_stages(update, compensations)
+        except StageFailure as failure:
+            self._cancelled = failure.cancelled
+            return await self._roll_back(update, compensations, failure)
+        return DeviceUpdateResult(update.device_id, DEVICE_SUCCEEDED)
+
+    async def _await_check_in(self, update: DeviceUpdateInput) -> None:
         deadline = update.plan.check_in_deadline_seconds
         try:
             await workflow.execute_activity(
@@ -58,46 +127,136 @@ class DeviceUpdateWorkflow:
                 retry_policy=NO_RETRY,
                 summary=f"wait up to {deadline} s for {update.device_id} to check in",
             )
+        except asyncio.CancelledError as error:
+            raise StageFailure("check_in", "the workflow was cancelled before the device started",
+                               cancelled=True) from error
         except ActivityError as error:
+            if isinstance(error.cause, CancelledError):
+                raise StageFailure("check_in", "the workflow was cancelled before the device started",
+                                   cancelled=True) from error
+            if is_abort(error):
+                raise StageFailure("check_in", "aborted before the device started", aborted=True) from error
             if isinstance(error.cause, TimeoutError):
-                workflow.logger.info(
-                    "Device %s of deployment %s did not check in within %s s",
-                    update.device_id, update.deployment_id, deadline,
-                )
-                return DeviceUpdateResult(
-                    update.device_id, "timed_out", "check_in", f"the device did not check in within {deadline} s"
-                )
-            raise
-        return None
+                raise StageFailure("check_in", f"the device did not check in within {deadline} s") from error
+            raise StageFailure("check_in", f"waiting for the device failed: {error.cause or error}") from error
 
-    async def _run_stages(self, update: DeviceUpdateInput) -> DeviceUpdateResult:
+    async def _run_stages(self, update: DeviceUpdateInput, compensations: list[str]) -> None:
         plan = update.plan
         for stage in plan.stages:
-            stage_timeout = plan.stage_timeout_seconds[stage]
-            try:
-                outcome: StageOutcome = await workflow.execute_activity(
-                    RUN_DEVICE_STAGE_ACTIVITY,
-                    StageJobInput(update.deployment_id, update.device_id, stage),
-                    result_type=StageOutcome,
-                    activity_id=stage,
-                    start_to_close_timeout=timedelta(seconds=stage_timeout + STAGE_PICKUP_ALLOWANCE_SECONDS),
-                    heartbeat_timeout=timedelta(seconds=plan.heartbeat_timeout_seconds),
-                    retry_policy=NO_RETRY,
-                    summary=f"{stage} of update {plan.update_version} on {update.device_id}",
-                )
-            except ActivityError as error:
-                reason = describe_stage_error(stage, error, plan.heartbeat_timeout_seconds, stage_timeout)
-                workflow.logger.info(
-                    "Stage %s failed on device %s of deployment %s: %s",
-                    stage, update.device_id, update.deployment_id, reason,
-                )
-                return DeviceUpdateResult(update.device_id, "failed", stage, reason)
+            compensation = compensation_for(stage, plan)
+            if compensation is not None:
+                # Registered before the stage runs, so a stage that fails half-way is reverted too.
+                compensations.append(compensation)
 
-            if outcome.status != "succeeded":
+            outcome = await self._run_stage(update, stage)
+            if outcome.status != STAGE_SUCCEEDED:
                 reason = outcome.error or f"the {stage} stage ended with status {outcome.status}"
-                return DeviceUpdateResult(update.device_id, "failed", stage, reason)
+                raise StageFailure(stage, reason, aborted=outcome.status == STAGE_ABORTED)
 
-        return DeviceUpdateResult(update.device_id, "succeeded")
+    async def _run_stage(self, update: DeviceUpdateInput, stage: str) -> StageOutcome:
+        plan = update.plan
+        stage_timeout = plan.stage_timeout_seconds[stage]
+        try:
+            return await workflow.execute_activity(
+                RUN_DEVICE_STAGE_ACTIVITY,
+                StageJobInput(update.deployment_id, update.device_id, stage),
+                result_type=StageOutcome,
+                activity_id=stage,
+                start_to_close_timeout=timedelta(seconds=stage_timeout + STAGE_PICKUP_ALLOWANCE_SECONDS),
+                heartbeat_timeout=timedelta(seconds=plan.heartbeat_timeout_seconds),
+                retry_policy=NO_RETRY,
+                summary=f"{stage} of update {plan.update_version} on {update.device_id}",
+            )
+        except asyncio.CancelledError as error:
+            raise StageFailure(stage, f"the workflow was cancelled during the {stage} stage", cancelled=True) from error
+        except ActivityError as error:
+            if isinstance(error.cause, CancelledError):
+                raise StageFailure(stage, f"the workflow was cancelled during the {stage} stage",
+                                   cancelled=True) from error
+            if is_abort(error):
+                raise StageFailure(stage, f"aborted before the {stage} stage started", aborted=True) from error
+            reason = describe_stage_error(stage, error, plan.heartbeat_timeout_seconds, stage_timeout)
+            workflow.logger.info(
+                "Stage %s failed on device %s of deployment %s: %s",
+                stage, update.device_id, update.deployment_id, reason,
+            )
+            raise StageFailure(stage, reason) from error
+
+    async def _roll_back(
+        self, update: DeviceUpdateInput, compensations: list[str], failure: StageFailure
+    ) -> DeviceUpdateResult:
+        """Run the registered reverts in reverse order, then the rollback command and reboot."""
+
+        steps = list(reversed(compensations))
+        if update.plan.rollback_command_timeout_seconds is not None:
+            steps.append(ROLLBACK_COMMAND_STAGE)
+        if update.plan.reboot:
+            steps.append(REBOOT_STAGE)
+
+        final_status = DEVICE_ABORTED if failure.aborted else DEVICE_ROLLED_BACK
+        if not steps:
+            final_status = DEVICE_ABORTED if failure.aborted else DEVICE_FAILED
+            return DeviceUpdateResult(update.device_id, final_status, failure.stage, failure.reason)
+
+        workflow.logger.info(
+            "Rolling back device %s of deployment %s after %s: %s",
+            update.device_id, update.deployment_id, failure.stage, ", ".join(steps),
+        )
+        for step in steps:
+            error = await self._run_compensation(update, step)
+            if error is not None:
+                workflow.logger.warning(
+                    "Rollback step %s failed on device %s of deployment %s: %s",
+                    step, update.device_id, update.deployment_id, error,
+                )
+                return DeviceUpdateResult(
+                    update.device_id, DEVICE_ROLLBACK_FAILED, failure.stage, failure.reason, f"{step}: {error}"
+                )
+        return DeviceUpdateResult(update.device_id, final_status, failure.stage, failure.reason)
+
+    async def _run_compensation(self, update: DeviceUpdateInput, step: str) -> str | None:
+        """Run one compensation on the device; return why it failed, or None."""
+
+        plan = update.plan
+        # A lost device may come back later, so a compensation waits as long as
+        # a first check-in would, and has no heartbeat timeout while it waits.
+        wait_seconds = plan.check_in_deadline_seconds + compensation_seconds(step, plan)
+        try:
+            outcome: StageOutcome = await workflow.execute_activity(
+                RUN_DEVICE_STAGE_ACTIVITY,
+                StageJobInput(update.deployment_id, update.device_id, step),
+                result_type=StageOutcome,
+                activity_id=step,
+                start_to_close_timeout=timedelta(seconds=wait_seconds),
+                retry_policy=NO_RETRY,
+                summary=f"rollback: {step} on {update.device_id}",
+            )
+        except ActivityError as error:
+            if isinstance(error.cause, TimeoutError):
+                return f"the device did not complete it within {wait_seconds} s"
+            return str(error.cause or error)
+        if outcome.status != STAGE_SUCCEEDED:
+            return outcome.error or f"ended with status {outcome.status}"
+        return None
+
+
+def compensation_for(stage: str, plan: DeploymentPlan) -> str | None:
+    if stage == "files" and plan.revert_files:
+        return REVERT_FILES_STAGE
+    if stage == "dependencies" and plan.revert_packages:
+        return REVERT_PACKAGES_STAGE
+    return None
+
+
+def compensation_seconds(step: str, plan: DeploymentPlan) -> int:
+    if step == ROLLBACK_COMMAND_STAGE and plan.rollback_command_timeout_seconds is not None:
+        return plan.rollback_command_timeout_seconds + STAGE_PICKUP_ALLOWANCE_SECONDS
+    return REVERT_STAGE_SECONDS
+
+
+def is_abort(error: ActivityError) -> bool:
+    cause = error.cause
+    return isinstance(cause, ApplicationError) and cause.type == ABORTED_ERROR_TYPE
 
 
 def describe_stage_error(stage: str, error: ActivityError, heartbeat_seconds: int, stage_seconds: int) -> str:

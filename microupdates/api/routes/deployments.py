@@ -11,6 +11,7 @@ from temporalio.service import RPCError
 
 from microupdates.api.deps import State
 from microupdates.api.schemas import (
+    AbortResult,
     DeploymentCreate,
     DeploymentCreated,
     DeploymentDetail,
@@ -23,7 +24,12 @@ from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.models import Deployment, DeploymentDevice, Update
 from microupdates.protocol.recipe import TargetSelection
-from microupdates.workflows.contracts import DEPLOYMENT_WORKFLOW, DeploymentInput, deployment_workflow_id
+from microupdates.workflows.contracts import (
+    ABORT_SIGNAL,
+    DEPLOYMENT_WORKFLOW,
+    DeploymentInput,
+    deployment_workflow_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
             targets = body.targets
             if targets is None:
                 targets = deployment_store.load_recipe(session, body.update_id).targets
-            return deployment_store.create_deployment(session, body.update_id, targets).id
+            return deployment_store.create_deployment(session, body.update_id, targets, body.timeouts).id
 
     deployment_id = await asyncio.to_thread(insert)
     workflow_id = deployment_workflow_id(deployment_id)
@@ -66,6 +72,40 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
 
     logger.info("Deployment %s of update %s started as workflow %s", deployment_id, body.update_id, workflow_id)
     return DeploymentCreated(id=deployment_id, workflow_id=workflow_id, status="pending")
+
+
+@router.post("/deployments/{deployment_id}/abort", response_model=AbortResult)
+async def abort_deployment(deployment_id: str, state: State) -> AbortResult:
+    """Abort a deployment: devices not started never start; running ones stop at their next report."""
+
+    return await abort(state, deployment_id, None)
+
+
+@router.post("/deployments/{deployment_id}/devices/{device_id}/abort", response_model=AbortResult)
+async def abort_device(deployment_id: str, device_id: str, state: State) -> AbortResult:
+    """Abort one device's update within a deployment."""
+
+    return await abort(state, deployment_id, device_id)
+
+
+async def abort(state: State, deployment_id: str, device_id: str | None) -> AbortResult:
+    def flag() -> bool:
+        with state.database.session() as session:
+            return deployment_store.request_abort(session, deployment_id, device_id)
+
+    accepted = await asyncio.to_thread(flag)
+    if accepted and device_id is None:
+        handle = state.temporal.get_workflow_handle(deployment_workflow_id(deployment_id))
+        try:
+            await handle.signal(ABORT_SIGNAL)
+        except RPCError as error:
+            # The workflow also reads the flag before each page of devices, so a lost signal only delays it.
+            logger.warning("Abort signal to deployment %s failed: %s", deployment_id, error)
+
+    jobs_ended = await state.device_jobs.abort_queued_jobs(deployment_id, device_id) if accepted else 0
+    logger.info("Abort of deployment %s (device %s): accepted=%s, %d queued jobs ended",
+                deployment_id, device_id, accepted, jobs_ended)
+    return AbortResult(deployment_id=deployment_id, device_id=device_id, accepted=accepted, jobs_ended=jobs_ended)
 
 
 @router.get("/deployments", response_model=list[DeploymentSummary])
@@ -121,6 +161,7 @@ def summarize(deployment: Deployment, update: Update, counts: dict[str, int]) ->
         started_at=deployment.started_at,
         finished_at=deployment.finished_at,
         error=deployment.error,
+        abort_requested=deployment.abort_requested_at is not None,
     )
 
 
@@ -130,6 +171,8 @@ def device_public(row: DeploymentDevice) -> DeploymentDevicePublic:
         status=row.status,
         stage=row.stage,
         error=row.error,
+        rollback_error=row.rollback_error,
+        abort_requested=row.abort_requested_at is not None,
         started_at=row.started_at,
         finished_at=row.finished_at,
     )

@@ -56,9 +56,9 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
 
 @router.post("/jobs/{job_id}/progress", response_model=ProgressResponse)
 async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevice, state: State) -> ProgressResponse:
-    """Keep a running stage alive; the answer tells the device whether to abort it."""
+    """Keep a running stage alive; the answer, at most `wait_seconds` later, says whether to abort it."""
 
-    return await state.device_jobs.report_progress(device.id, job_id)
+    return await state.device_jobs.report_progress(device.id, job_id, body.wait_seconds)
 
 
 @router.post("/jobs/{job_id}/report", response_model=StageReportResponse)
