@@ -47,11 +47,25 @@ class OperatorApiClient:
         recipe = bundle_recipe(loaded, self.upload_artifact)
         return self._request("POST", "/updates", json={"recipe": recipe.model_dump(mode="json", exclude_none=True)})
 
-    def deploy(self, update_id: str, devices: list[str] | None = None, groups: list[str] | None = None) -> dict:
+    def deploy(
+        self,
+        update_id: str,
+        devices: list[str] | None = None,
+        groups: list[str] | None = None,
+        timeouts: dict[str, int] | None = None,
+    ) -> dict:
         body: dict[str, Any] = {"update_id": update_id}
         if devices or groups:
             body["targets"] = {"devices": devices or [], "groups": groups or []}
+        if timeouts:
+            body["timeouts"] = timeouts
         return self._request("POST", "/deployments", json=body)
+
+    def abort(self, deployment_id: str, device_id: str | None = None) -> dict:
+        path = f"/deployments/{deployment_id}/abort"
+        if device_id is not None:
+            path = f"/deployments/{deployment_id}/devices/{device_id}/abort"
+        return self._request("POST", path)
 
     def list_deployments(self, limit: int = 20) -> list[dict[str, Any]]:
         return self._request("GET", "/deployments", params={"limit": limit})

@@ -17,18 +17,26 @@ from rich.table import Table
 from microupdates.cli.api_client import OperatorApiClient
 from microupdates.cli.local_fleet import LocalFleet
 from microupdates.cli.stack import Stack, StackPorts, free_port
+from microupdates.workflows.contracts import FINAL_DEPLOYMENT_STATUSES
 
 logger = logging.getLogger(__name__)
 
 DEVICE_NAMES = ("demo-device-1", "demo-device-2", "demo-device-3")
 DEMO_GROUP = "demo"
 DEPLOYMENT_TIMEOUT_SECONDS = 600.0
-FINAL_DEPLOYMENT_STATUSES = ("succeeded", "failed", "failed_to_start")
 EXAMPLE_RECIPE = Path("examples/hello-service/recipe.yaml")
+BROKEN_RECIPE = Path("examples/hello-service/recipe-broken.yaml")
 
 
-def run_demo(data_dir: Path, recipe_path: Path, keep_running: bool, console: Console) -> bool:
-    """Run the demo and return True when every device succeeded and every service answers."""
+def run_demo(
+    data_dir: Path, recipe_path: Path, broken_recipe_path: Path | None, keep_running: bool, console: Console
+) -> bool:
+    """Run the demo and return True when it went as expected.
+
+    Expected: every device succeeds with the first recipe and its service
+    answers; then, when a broken recipe is given, every device rolls back and
+    its service answers with the first recipe's version again.
+    """
 
     shutil.rmtree(data_dir, ignore_errors=True)
     stack = Stack(data_dir=data_dir / "server", ports=StackPorts.free())
@@ -43,16 +51,15 @@ def run_demo(data_dir: Path, recipe_path: Path, keep_running: bool, console: Con
             fleet.start_all()
             console.print(f"Started {len(fleet.devices)} local agents; creating the update from {recipe_path} ...")
 
-            update = api.create_update_from_file(recipe_path)
-            deployment = api.deploy(update["id"], groups=[DEMO_GROUP])
-            console.print(f"Deployment {deployment['id']} of update {update['version']} started "
-                          f"(workflow {deployment['workflow_id']})")
+            detail, version = deploy_and_report(api, console, recipe_path)
+            succeeded = detail["status"] == "succeeded" and check_services(console, ports, version)
 
-            detail = wait_for_deployment(api, deployment["id"])
-            print_result_table(console, api, detail)
-            services_ok = check_services(console, ports)
+            if succeeded and broken_recipe_path is not None:
+                console.print(f"\nNow a broken release from {broken_recipe_path}; every device should roll back.")
+                detail, _ = deploy_and_report(api, console, broken_recipe_path)
+                rolled_back = all(device["status"] == "rolled_back" for device in detail["devices"])
+                succeeded = rolled_back and check_services(console, ports, version)
 
-        succeeded = detail["status"] == "succeeded" and services_ok
         console.print(f"Temporal Web UI: {stack.temporal_ui_url}/namespaces/default/workflows")
         console.print(f"Demo {'succeeded' if succeeded else 'FAILED'} in {time.monotonic() - started:.1f} s")
         if keep_running:
@@ -79,6 +86,18 @@ def register_devices(api: OperatorApiClient, fleet: LocalFleet) -> dict[str, int
     return ports
 
 
+def deploy_and_report(api: OperatorApiClient, console: Console, recipe_path: Path) -> tuple[dict, str]:
+    """Create an update from a recipe, deploy it to the demo group, wait and print the result table."""
+
+    update = api.create_update_from_file(recipe_path)
+    deployment = api.deploy(update["id"], groups=[DEMO_GROUP])
+    console.print(f"Deployment {deployment['id']} of update {update['version']} started "
+                  f"(workflow {deployment['workflow_id']})")
+    detail = wait_for_deployment(api, deployment["id"])
+    print_result_table(console, api, detail)
+    return detail, update["version"]
+
+
 def wait_for_deployment(api: OperatorApiClient, deployment_id: str) -> dict:
     deadline = time.monotonic() + DEPLOYMENT_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -92,26 +111,32 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str) -> dict:
 def print_result_table(console: Console, api: OperatorApiClient, detail: dict) -> None:
     table = Table(title=f"Deployment {detail['id']}: {detail['status']} (update {detail['update_version']})")
     for column in ("device", "status", "stage", "stages run", "seconds", "error"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for device in detail["devices"]:
         result = api.read_device_result(detail["id"], device["device_id"])
         stages = " ".join(f"{s['stage']}:{s['status'] or s['state']}" for s in result["stages"])
         seconds = sum(s["duration_seconds"] or 0 for s in result["stages"])
-        table.add_row(device["device_id"], device["status"], device["stage"] or "", stages, f"{seconds:.1f}",
-                      device["error"] or "")
+        error = device["error"] or ""
+        if device["rollback_error"]:
+            error += f" (rollback failed: {device['rollback_error']})"
+        table.add_row(device["device_id"], device["status"], device["stage"] or "", stages, f"{seconds:.1f}", error)
     console.print(table)
 
 
-def check_services(console: Console, ports: dict[str, int]) -> bool:
+def check_services(console: Console, ports: dict[str, int], expected_version: str) -> bool:
+    """Return True when every device's service answers with the expected version."""
+
     all_ok = True
     for name, port in ports.items():
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                body = json.load(response)
-            console.print(f"{name}: hello-service answers on port {port} with version {body['version']}")
+                version = json.load(response)["version"]
         except OSError as error:
             console.print(f"{name}: hello-service does not answer on port {port}: {error}")
             all_ok = False
+            continue
+        console.print(f"{name}: hello-service answers on port {port} with version {version}")
+        all_ok = all_ok and version == expected_version
     return all_ok
 
 

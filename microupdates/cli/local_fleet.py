@@ -48,6 +48,8 @@ class LocalFleet:
             "--device-token", device.token,
             "--device-root", str(device.root),
             "--long-poll-seconds", str(self.long_poll_seconds),
+            # A rollback reboot restarts this agent process instead of the host.
+            "--restart-instead-of-reboot",
         ]
         log = open(device.log_path, "ab")
         device.process = subprocess.Popen(

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from microupdates.cli.api_client import OperatorApiClient, OperatorApiError
-from microupdates.cli.demo import EXAMPLE_RECIPE, run_demo
+from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError, load_recipe_file
 
 app = typer.Typer(help="Ship application updates to fleets of Linux edge devices.", no_args_is_help=True)
@@ -28,13 +28,19 @@ def demo(
         "var/demo"
     ),
     recipe: Annotated[Path, typer.Option(help="Recipe to deploy.")] = EXAMPLE_RECIPE,
+    broken_recipe: Annotated[
+        Path, typer.Option(help="A failing release deployed next, to show the rollback.")
+    ] = BROKEN_RECIPE,
+    show_rollback: Annotated[bool, typer.Option(help="Deploy the broken release after the first one.")] = True,
     keep_running: Annotated[bool, typer.Option(help="Keep the stack running after the demo until Ctrl-C.")] = False,
 ) -> None:
     """Start the embedded stack and three local agents, deploy the example update, check the result."""
 
     logging.basicConfig(level="WARNING")
     try:
-        succeeded = run_demo(data_dir.resolve(), recipe, keep_running, console)
+        succeeded = run_demo(
+            data_dir.resolve(), recipe, broken_recipe if show_rollback else None, keep_running, console
+        )
     except (OperatorApiError, RecipeError, TimeoutError, RuntimeError) as error:
         console.print(f"[red]Demo failed:[/red] {error}")
         raise typer.Exit(1) from error

@@ -1,4 +1,6 @@
+#!/bin/bash
 # Start the service from its virtual environment and wait until it is healthy.
+# Used as the after command, and as the rollback command to start the restored release.
 set -eu
 root="${MICROUPDATES_DEVICE_ROOT}"
 app="$root/opt/hello-service"
