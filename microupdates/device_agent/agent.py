@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from microupdates import __version__
 from microupdates.device_agent.client import (
@@ -17,14 +19,29 @@ from microupdates.device_agent.client import (
     JobGoneError,
 )
 from microupdates.device_agent.config import AgentConfig
+from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
+from microupdates.device_agent.executors.commands import kill_process_group
 from microupdates.device_agent.journal import Journal
 from microupdates.device_agent.stages import StageContext, run_stage
-from microupdates.protocol.device_api import StageJob, StageReport
+from microupdates.protocol.device_api import (
+    REBOOT_STAGE,
+    STAGE_FAILED,
+    STAGE_INTERRUPTED,
+    STAGE_SUCCEEDED,
+    StageJob,
+    StageReport,
+)
 
 logger = logging.getLogger(__name__)
 
 RETRY_MIN_SECONDS = 1.0
 DOWNLOAD_ATTEMPTS = 3
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+# How long a reboot command may return without the device going down before the stage fails.
+REBOOT_GRACE_SECONDS = 300
+PROGRESS_RETRY_SECONDS = 2.0
+# Rollback records of this many deployments, the current one included, stay on disk.
+KEPT_CHANGE_LOGS = 5
 
 
 class AgentStopped(Exception):
@@ -80,15 +97,34 @@ class Agent:
             return
         job = StageJob.model_validate(entry["job"])
         if entry["state"] == "running":
+            # After a reboot the recorded group ids may belong to unrelated processes, so only
+            # groups from the same boot are killed.
+            if entry.get("boot_id") == read_boot_id():
+                for process_group in entry.get("process_groups", []):
+                    if kill_process_group(process_group):
+                        logger.warning("Killed process group %d left by the interrupted stage", process_group)
             report = StageReport(
-                status="interrupted",
+                status=STAGE_INTERRUPTED,
                 error="the agent restarted during the %s stage, so its outcome is unknown" % job.stage,
             )
             logger.warning("Job %d (%s) was interrupted by a restart; reporting it", job.job_id, job.stage)
             self.journal.record_finished(job, report)
+        elif entry["state"] == "rebooting":
+            report = self._reboot_report(entry["boot_id"])
+            self.journal.record_finished(job, report)
         else:
             report = StageReport.model_validate(entry["report"])
         self._deliver_report(job, report)
+
+    def _reboot_report(self, boot_id_before: str) -> StageReport:
+        if self.config.restart_instead_of_reboot:
+            return StageReport(status=STAGE_SUCCEEDED, error=None, exit_code=0)
+        if read_boot_id() == boot_id_before:
+            return StageReport(
+                status=STAGE_FAILED,
+                error="the agent restarted but the device did not reboot (same boot id)",
+            )
+        return StageReport(status=STAGE_SUCCEEDED, exit_code=0)
 
     def _poll_forever(self) -> None:
         failures = 0
@@ -114,19 +150,25 @@ class Agent:
     def _run_job(self, job: StageJob) -> None:
         logger.info("Job %d: %s stage of deployment %s (update %s)", job.job_id, job.stage, job.deployment_id,
                     job.update_version)
-        self.journal.record_started(job)
+        if job.stage == REBOOT_STAGE:
+            self._reboot(job)
+            return
+        self.journal.record_started(job, read_boot_id())
 
         abort_event = threading.Event()
         tail = OutputTail()
         reporter = ProgressReporter(self.client, job, abort_event, tail)
         reporter.start()
+        prune_change_logs(self.config.state_dir, keep_deployment=job.deployment_id)
         try:
             context = StageContext(
                 device_root=str(self.config.device_root) if self.config.device_root else None,
                 open_artifact=self._open_artifact,
                 abort_event=abort_event,
-                extra_env={},
+                extra_env=self._passed_environment(),
                 on_output=tail.add,
+                state_dir=str(self.config.state_dir),
+                on_process_start=self.journal.record_process_group,
             )
             report = run_stage(job, context)
         finally:
@@ -137,6 +179,29 @@ class Agent:
         logger.info("Job %d: %s stage %s%s", job.job_id, job.stage, report.status,
                     (": " + report.error) if report.error else "")
         self._deliver_report(job, report)
+
+    def _reboot(self, job: StageJob) -> None:
+        """Reboot the device; the report is sent by the agent that starts after it, from the journal."""
+
+        self.journal.record_rebooting(job, read_boot_id())
+        if self.config.restart_instead_of_reboot:
+            logger.warning("Job %d: restarting the agent in place of a reboot", job.job_id)
+            self.client.close()
+            os.execv(sys.executable, [sys.executable, "-m", "microupdates.device_agent.main"] + sys.argv[1:])
+
+        logger.warning("Job %d: rebooting with %s", job.job_id, " ".join(self.config.reboot_command))
+        try:
+            subprocess.run(self.config.reboot_command, stdin=subprocess.DEVNULL, timeout=60, check=True)
+            self._sleep(REBOOT_GRACE_SECONDS)
+            error = "the reboot command returned but the device did not go down within %d s" % REBOOT_GRACE_SECONDS
+        except (OSError, subprocess.SubprocessError) as failure:
+            error = "the reboot command %s failed: %s" % (self.config.reboot_command, failure)
+        report = StageReport(status=STAGE_FAILED, error=error)
+        self.journal.record_finished(job, report)
+        self._deliver_report(job, report)
+
+    def _passed_environment(self) -> Dict[str, str]:
+        return {name: os.environ[name] for name in self.config.pass_environment if name in os.environ}
 
     def _deliver_report(self, job: StageJob, report: StageReport) -> None:
         """Send the report until the server has it; the server ignores repeats, so retrying is safe."""
@@ -216,21 +281,56 @@ class ProgressReporter:
         self._thread.start()
 
     def stop(self) -> None:
+        # The thread may be inside a long poll; it ends by itself when that returns.
         self._stopped.set()
-        self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stopped.wait(self.job.progress_interval_seconds):
+        """Keep one progress long poll open at a time; each one heartbeats the stage on the server."""
+
+        while not self._stopped.is_set():
             try:
-                response = self.client.report_progress(self.job.job_id, self.tail.text())
+                response = self.client.report_progress(
+                    self.job.job_id, self.tail.text(), self.job.progress_interval_seconds
+                )
             except JobGoneError as error:
-                logger.warning("Job %d ended on the server (%s); stopping the stage", self.job.job_id, error)
-                self.abort_event.set()
+                if not self._stopped.is_set():
+                    logger.warning("Job %d ended on the server (%s); stopping the stage", self.job.job_id, error)
+                    self.abort_event.set()
                 return
             except DeviceApiError as error:
                 logger.warning("Job %d: progress report failed: %s", self.job.job_id, error)
+                self._stopped.wait(PROGRESS_RETRY_SECONDS)
                 continue
-            if response.abort:
+            if response.abort and not self._stopped.is_set():
                 logger.warning("Job %d: the server asked to abort the stage", self.job.job_id)
                 self.abort_event.set()
                 return
+
+
+
+def prune_change_logs(state_dir: Path, keep_deployment: str) -> None:
+    """Delete the rollback records of all but the newest deployments.
+
+    A deployment's records must outlive its last stage, because the server may
+    still ask for a revert after a lost device returns; the newest
+    KEPT_CHANGE_LOGS deployments keep theirs.
+    """
+
+    changes = state_dir / CHANGES_DIRECTORY
+    if not changes.is_dir():
+        return
+    directories = sorted(
+        (path for path in changes.iterdir() if path.is_dir() and path.name != keep_deployment),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for stale in directories[KEPT_CHANGE_LOGS - 1:]:
+        ChangeLog(str(state_dir), stale.name).discard()
+        logger.info("Deleted the rollback records of deployment %s", stale.name)
+
+
+def read_boot_id() -> str:
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return ""

@@ -67,9 +67,11 @@ class DeviceApiClient:
         response = self._request("POST", "/check-in", json=body.model_dump(), read_timeout=wait_seconds + 15)
         return CheckInResponse.model_validate(response.json())
 
-    def report_progress(self, job_id: int, output_tail: str) -> ProgressResponse:
-        body = ProgressReport(output_tail=output_tail)
-        response = self._request("POST", "/jobs/%d/progress" % job_id, json=body.model_dump(), job=True)
+    def report_progress(self, job_id: int, output_tail: str, wait_seconds: int) -> ProgressResponse:
+        body = ProgressReport(output_tail=output_tail, wait_seconds=wait_seconds)
+        response = self._request(
+            "POST", "/jobs/%d/progress" % job_id, json=body.model_dump(), job=True, read_timeout=wait_seconds + 15
+        )
         return ProgressResponse.model_validate(response.json())
 
     def report_stage(self, job_id: int, report: StageReport) -> None:

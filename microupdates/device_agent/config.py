@@ -14,6 +14,15 @@ from microupdates.protocol.device_api import DEFAULT_LONG_POLL_SECONDS, MAX_LONG
 
 CREDENTIALS_FILE = "credentials.json"
 DEFAULT_STATE_DIR = "/var/lib/microupdates-agent"
+DEFAULT_REBOOT_COMMAND = ["systemctl", "reboot"]
+# Variables copied from the agent's environment into every stage, when set:
+# proxies and CA bundles that package managers need behind a corporate proxy.
+DEFAULT_PASS_ENVIRONMENT = [
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_DEFAULT_TIMEOUT",
+    "NPM_CONFIG_REGISTRY", "npm_config_registry",
+]
 
 
 class AgentConfigError(Exception):
@@ -35,6 +44,10 @@ class AgentConfig(BaseModel):
     long_poll_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
     retry_max_seconds: float = Field(default=30.0, gt=0, le=3600)
     ca_file: Optional[Path] = None
+    reboot_command: List[str] = Field(default_factory=lambda: list(DEFAULT_REBOOT_COMMAND), min_length=1)
+    # Simulated devices (tests, the demo) restart the agent process instead of rebooting the host.
+    restart_instead_of_reboot: bool = False
+    pass_environment: List[str] = Field(default_factory=lambda: list(DEFAULT_PASS_ENVIRONMENT))
 
     @field_validator("server_url")
     @classmethod

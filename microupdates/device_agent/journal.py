@@ -31,8 +31,22 @@ class Journal:
         except FileNotFoundError:
             return None
 
-    def record_started(self, job: StageJob) -> None:
-        self._write({"job": job.model_dump(mode="json"), "state": "running"})
+    def record_started(self, job: StageJob, boot_id: str) -> None:
+        """Record a stage about to run; `boot_id` tells after a restart whether its processes can still exist."""
+
+        self._write({"job": job.model_dump(mode="json"), "state": "running", "process_groups": [], "boot_id": boot_id})
+
+    def record_process_group(self, process_group: int) -> None:
+        """Remember a stage's process group, so one left running by a crash is killed at the next start."""
+
+        entry = self.read()
+        if entry is None or entry["state"] != "running":
+            return
+        entry.setdefault("process_groups", []).append(process_group)
+        self._write(entry)
+
+    def record_rebooting(self, job: StageJob, boot_id: str) -> None:
+        self._write({"job": job.model_dump(mode="json"), "state": "rebooting", "boot_id": boot_id})
 
     def record_finished(self, job: StageJob, report: StageReport) -> None:
         self._write({"job": job.model_dump(mode="json"), "state": "finished", "report": report.model_dump(mode="json")})

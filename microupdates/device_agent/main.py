@@ -29,6 +29,8 @@ def parse_arguments(argv: list) -> argparse.Namespace:
     parser.add_argument("--device-root", type=Path,
                         help="simulate a device under this directory (destinations are mapped under it)")
     parser.add_argument("--long-poll-seconds", type=int, help="how long each check-in waits for a job")
+    parser.add_argument("--restart-instead-of-reboot", action="store_true", default=None,
+                        help="for simulated devices: a rollback reboot restarts the agent process instead")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser.parse_args(argv)
@@ -47,6 +49,7 @@ def main(argv: list = None) -> None:
         "state_dir": arguments.state_dir,
         "device_root": arguments.device_root,
         "long_poll_seconds": arguments.long_poll_seconds,
+        "restart_instead_of_reboot": arguments.restart_instead_of_reboot,
     }
     if arguments.state_dir is None and arguments.device_root is not None:
         overrides["state_dir"] = arguments.device_root / "var/lib/microupdates-agent"

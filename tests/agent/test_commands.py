@@ -13,7 +13,9 @@ from microupdates.device_agent.executors.commands import (
     CRLF_ERROR,
     MINIMAL_PATH,
     STOP_GRACE_SECONDS,
+    kill_process_group,
     minimal_environment,
+    observe_process_starts,
     run_command,
     run_process,
 )
@@ -227,6 +229,105 @@ def test_run_command_on_output_failure_keeps_capture(tmp_path):
     assert result.output == "one\ntwo\n"
 
 
+def _start_in_thread(script: str, tmp_path: Path, **kwargs):
+    """Start _run(script) in a thread and return (thread, results list, pids list filled by on_start)."""
+
+    results = []
+    pids = []
+
+    def target():
+        results.append(_run(script, tmp_path, timeout_seconds=30, on_start=pids.append, **kwargs))
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not pids and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return thread, results, pids
+
+
+def test_run_command_on_start_gets_process_group(tmp_path):
+    result_pids = []
+
+    result = _run("echo $$", tmp_path, on_start=result_pids.append)
+
+    assert result.error is None
+    assert result_pids == [int(result.output)]
+
+
+def test_kill_process_group_stops_started_group(tmp_path):
+    pid_file = tmp_path / "background.pid"
+    thread, results, pids = _start_in_thread(f"sleep 60 & echo $! > {pid_file}; wait", tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline, "the command did not start its background process"
+            time.sleep(0.01)
+        background = int(pid_file.read_text())
+        assert os.getpgid(pids[0]) == pids[0]
+        assert os.getpgid(background) == pids[0]
+
+        assert kill_process_group(pids[0]) is True
+
+        thread.join(10)
+        assert results[0].error == "killed by SIGTERM"
+        assert not _is_running(background)
+        # The orphaned background child is reaped by init a moment later; until
+        # then its zombie still belongs to the group.
+        deadline = time.monotonic() + 5
+        while _group_exists(pids[0]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert kill_process_group(pids[0]) is False
+    finally:
+        for pid in pids:
+            _kill_if_running(pid)
+        thread.join(10)
+
+
+def test_kill_process_group_escalates_to_sigkill(tmp_path):
+    thread, results, pids = _start_in_thread("trap '' TERM; echo ready; sleep 60", tmp_path)
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+
+        assert kill_process_group(pids[0], grace_seconds=0.5) is True
+
+        thread.join(10)
+        assert time.monotonic() - started < 5
+        assert results[0].error == "killed by SIGKILL"
+    finally:
+        for pid in pids:
+            _kill_if_running(pid)
+        thread.join(10)
+
+
+def test_kill_process_group_missing_group():
+    # A pid above the kernel's maximum cannot be in use.
+    max_pid = int(Path("/proc/sys/kernel/pid_max").read_text())
+
+    assert kill_process_group(max_pid + 1) is False
+
+
+def test_kill_process_group_rejects_own_group():
+    with pytest.raises(ValueError):
+        kill_process_group(os.getpgrp())
+    with pytest.raises(ValueError):
+        kill_process_group(0)
+
+
+def test_observe_process_starts_reaches_nested_calls(tmp_path):
+    observed = []
+
+    with observe_process_starts(observed.append):
+        first = _run("echo $$", tmp_path)
+        second = _run("echo $$", tmp_path)
+    after = _run("echo $$", tmp_path)
+
+    assert observed == [int(first.output), int(second.output)]
+    assert after.error is None
+    assert len(observed) == 2
+
+
 def test_run_process_missing_program(tmp_path):
     result = run_process(
         [str(tmp_path / "no-such-program")],
@@ -292,3 +393,11 @@ def test_run_command_python3_is_not_agent_virtualenv(tmp_path):
 
     assert not result.output.startswith(sys.prefix + "/")
     assert result.error is None
+
+
+def _group_exists(process_group: int) -> bool:
+    try:
+        os.killpg(process_group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,36 +1,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import tarfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import pytest
 
-from microupdates.device_agent.executors.files import FileChange, install_files
+from microupdates.device_agent.change_log import ChangeLog
+from microupdates.device_agent.executors.files import install_files
 from microupdates.protocol.recipe import FileEntry
-
-
-class ArtifactStore:
-    """Artifacts by SHA-256 in a temporary directory, as the agent's download cache would store them."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir()
-        self.paths: Dict[str, str] = {}
-
-    def add(self, content: bytes) -> str:
-        digest = hashlib.sha256(content).hexdigest()
-        path = self.directory / digest
-        path.write_bytes(content)
-        self.paths[digest] = str(path)
-        return digest
-
-    def open(self, digest: str) -> str:
-        return self.paths[digest]
+from tests.agent.artifacts import ArtifactStore, dir_member, file_member, link_member, tar_bytes
 
 
 @pytest.fixture
@@ -49,42 +31,19 @@ def _file_entry(destination: str, digest: str, mode: Optional[str] = None) -> Fi
     return FileEntry(source="src", destination=destination, artifact=digest, mode=mode, kind="file")
 
 
-def _tar_bytes(members, compression: str = "gz") -> bytes:
-    """Build a tar archive from (TarInfo, content or None) pairs."""
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as archive:
-        for info, content in members:
-            if content is not None:
-                info.size = len(content)
-                archive.addfile(info, io.BytesIO(content))
-            else:
-                archive.addfile(info)
-    return buffer.getvalue()
+def _install(entries, root, store, change_log=None):
+    return install_files(entries, device_root=str(root), open_artifact=store.open, change_log=change_log)
 
 
-def _file_member(name: str, mode: int = 0o644):
-    info = tarfile.TarInfo(name)
-    info.mode = mode
-    return info
+def _recorded(change_log: ChangeLog):
+    """Return (action, path, existed, kind) of every record in the log but those of temporary files, in order."""
 
-
-def _dir_member(name: str, mode: int = 0o755):
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = mode
-    return info
-
-
-def _link_member(name: str, target: str, link_type: bytes = tarfile.SYMTYPE):
-    info = tarfile.TarInfo(name)
-    info.type = link_type
-    info.linkname = target
-    return info
-
-
-def _install(entries, root, store, changes=None):
-    return install_files(entries, device_root=str(root), open_artifact=store.open, changes=changes)
+    return [
+        (record.action, record.path, record.existed, record.kind)
+        for _, records in change_log.read_path_records()
+        for record in records
+        if record.action != "temporary"
+    ]
 
 
 def _no_leftovers(directory: Path) -> bool:
@@ -202,19 +161,19 @@ def test_install_file_over_directory_fails(root, store):
     assert "is a directory" in steps[0].error
 
 
-def test_install_file_records_changes(root, store):
+def test_install_file_records_changes(root, store, tmp_path):
     existing = root / "opt/existing"
     existing.parent.mkdir(parents=True)
     existing.write_text("old")
     digest = store.add(b"new")
-    changes = []
+    change_log = ChangeLog(str(tmp_path / "state"), "dep-1")
 
-    _install([_file_entry("/opt/existing", digest), _file_entry("/opt/new/file", digest)], root, store, changes)
+    _install([_file_entry("/opt/existing", digest), _file_entry("/opt/new/file", digest)], root, store, change_log)
 
-    assert changes == [
-        FileChange(path=str(existing), existed=True, previous_kind="file"),
-        FileChange(path=str(root / "opt/new"), existed=False, previous_kind=None),
-        FileChange(path=str(root / "opt/new/file"), existed=False, previous_kind=None),
+    assert _recorded(change_log) == [
+        ("write", str(existing), True, "file"),
+        ("create_directory", str(root / "opt/new"), False, None),
+        ("write", str(root / "opt/new/file"), False, None),
     ]
 
 
@@ -229,13 +188,13 @@ def test_install_file_rejects_path_escaping_root(root, store):
 
 
 def test_install_directory_new(root, store):
-    archive = _tar_bytes(
+    archive = tar_bytes(
         [
-            (_dir_member("./"), None),
-            (_file_member("./server.py", 0o755), b"server"),
-            (_dir_member("./static", 0o750), None),
-            (_file_member("./static/index.html"), b"<html>"),
-            (_link_member("./current", "static"), None),
+            (dir_member("./"), None),
+            (file_member("./server.py", 0o755), b"server"),
+            (dir_member("./static", 0o750), None),
+            (file_member("./static/index.html"), b"<html>"),
+            (link_member("./current", "static"), None),
         ]
     )
     digest = store.add(archive)
@@ -263,18 +222,18 @@ def test_install_directory_merges_into_existing(root, store):
     replaced = app / "lib/mod.py"
     replaced.write_text("old module")
     old_inode = replaced.stat().st_ino
-    archive = _tar_bytes(
+    archive = tar_bytes(
         [
-            (_file_member("lib/mod.py"), b"new module"),
-            (_file_member("lib/sub/new.py"), b"new file"),
+            (file_member("lib/mod.py"), b"new module"),
+            (file_member("lib/sub/new.py"), b"new file"),
         ],
         compression="",
     )
     digest = store.add(archive)
     entry = FileEntry(source="app", destination="/opt/app", artifact=digest, kind="directory")
-    changes = []
+    change_log = ChangeLog(str(root.parent / "state"), "dep-1")
 
-    steps = _install([entry], root, store, changes)
+    steps = _install([entry], root, store, change_log)
 
     assert steps[0].error is None
     assert (app / "keep.txt").read_text() == "keep"
@@ -282,14 +241,15 @@ def test_install_directory_merges_into_existing(root, store):
     assert replaced.read_text() == "new module"
     assert replaced.stat().st_ino != old_inode
     assert (app / "lib/sub/new.py").read_text() == "new file"
-    assert FileChange(path=str(replaced), existed=True, previous_kind="file") in changes
-    assert FileChange(path=str(app / "lib/sub"), existed=False, previous_kind=None) in changes
-    assert FileChange(path=str(app / "lib/sub/new.py"), existed=False, previous_kind=None) in changes
+    recorded = _recorded(change_log)
+    assert ("write", str(replaced), True, "file") in recorded
+    assert ("create_directory", str(app / "lib/sub"), False, None) in recorded
+    assert ("write", str(app / "lib/sub/new.py"), False, None) in recorded
     assert _no_leftovers(root / "opt")
 
 
 def test_install_directory_applies_entry_mode(root, store):
-    digest = store.add(_tar_bytes([(_file_member("a"), b"a")]))
+    digest = store.add(tar_bytes([(file_member("a"), b"a")]))
     entry = FileEntry(source="d", destination="/srv/d", artifact=digest, kind="directory", mode="0700")
 
     steps = _install([entry], root, store)
@@ -299,7 +259,7 @@ def test_install_directory_applies_entry_mode(root, store):
 
 
 def test_install_directory_strips_setuid(root, store):
-    digest = store.add(_tar_bytes([(_file_member("tool", 0o4755), b"#!/bin/sh\n")]))
+    digest = store.add(tar_bytes([(file_member("tool", 0o4755), b"#!/bin/sh\n")]))
     entry = FileEntry(source="d", destination="/srv/d", artifact=digest, kind="directory")
 
     steps = _install([entry], root, store)
@@ -311,16 +271,16 @@ def test_install_directory_strips_setuid(root, store):
 @pytest.mark.parametrize(
     "member, reason",
     [
-        (_file_member("../evil"), "contains '..'"),
-        (_file_member("sub/../../evil"), "contains '..'"),
-        (_file_member("/etc/evil"), "absolute path"),
-        (_link_member("link", "/etc/passwd"), "absolute path"),
-        (_link_member("sub/link", "../../outside"), "outside the destination"),
-        (_link_member("hard", "../outside", tarfile.LNKTYPE), "outside the destination"),
+        (file_member("../evil"), "contains '..'"),
+        (file_member("sub/../../evil"), "contains '..'"),
+        (file_member("/etc/evil"), "absolute path"),
+        (link_member("link", "/etc/passwd"), "absolute path"),
+        (link_member("sub/link", "../../outside"), "outside the destination"),
+        (link_member("hard", "../outside", tarfile.LNKTYPE), "outside the destination"),
     ],
 )
 def test_install_directory_rejects_unsafe_member(root, store, member, reason):
-    digest = store.add(_tar_bytes([(_file_member("fine.txt"), b"fine"), (member, b"x" if member.isreg() else None)]))
+    digest = store.add(tar_bytes([(file_member("fine.txt"), b"fine"), (member, b"x" if member.isreg() else None)]))
     entry = FileEntry(source="d", destination="/srv/app", artifact=digest, kind="directory")
 
     steps = _install([entry], root, store)
@@ -328,16 +288,14 @@ def test_install_directory_rejects_unsafe_member(root, store, member, reason):
     assert steps[0].error is not None
     assert repr(member.name) in steps[0].error
     assert reason in steps[0].error
-    assert not (root / "srv/app").exists()
-    assert not (root / "srv/evil").exists()
-    assert _no_leftovers(root / "srv")
+    assert not (root / "srv").exists()
 
 
 def test_install_directory_rejects_device_file(root, store):
     device = tarfile.TarInfo("null")
     device.type = tarfile.CHRTYPE
     device.devmajor, device.devminor = 1, 3
-    digest = store.add(_tar_bytes([(device, None)]))
+    digest = store.add(tar_bytes([(device, None)]))
     entry = FileEntry(source="d", destination="/srv/app", artifact=digest, kind="directory")
 
     steps = _install([entry], root, store)
@@ -346,7 +304,7 @@ def test_install_directory_rejects_device_file(root, store):
 
 
 def test_install_directory_rejects_member_below_symlink(root, store):
-    archive = _tar_bytes([(_link_member("up", "."), None), (_link_member("up/escape", "../secret"), None)])
+    archive = tar_bytes([(link_member("up", "."), None), (link_member("up/escape", "../secret"), None)])
     digest = store.add(archive)
     entry = FileEntry(source="d", destination="/srv/app", artifact=digest, kind="directory")
 
@@ -357,8 +315,8 @@ def test_install_directory_rejects_member_below_symlink(root, store):
 
 
 def test_install_directory_sha_mismatch_is_rejected(root, store):
-    digest = store.add(_tar_bytes([(_file_member("a"), b"a")]))
-    Path(store.open(digest)).write_bytes(_tar_bytes([(_file_member("b"), b"b")]))
+    digest = store.add(tar_bytes([(file_member("a"), b"a")]))
+    Path(store.open(digest)).write_bytes(tar_bytes([(file_member("b"), b"b")]))
 
     steps = _install([FileEntry(source="d", destination="/srv/d", artifact=digest, kind="directory")], root, store)
 
@@ -369,7 +327,7 @@ def test_install_directory_sha_mismatch_is_rejected(root, store):
 def test_install_directory_over_file_fails(root, store):
     (root / "srv").mkdir()
     (root / "srv/d").write_text("a file")
-    digest = store.add(_tar_bytes([(_file_member("a"), b"a")]))
+    digest = store.add(tar_bytes([(file_member("a"), b"a")]))
 
     steps = _install([FileEntry(source="d", destination="/srv/d", artifact=digest, kind="directory")], root, store)
 
@@ -383,7 +341,7 @@ def test_install_directory_corrupt_archive_fails(root, store):
     steps = _install([FileEntry(source="d", destination="/srv/d", artifact=digest, kind="directory")], root, store)
 
     assert steps[0].error is not None
-    assert _no_leftovers(root / "srv")
+    assert not (root / "srv").exists()
 
 
 def test_install_files_missing_artifact_digest(root, store):

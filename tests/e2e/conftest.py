@@ -13,9 +13,9 @@ import yaml
 from microupdates.cli.api_client import OperatorApiClient
 from microupdates.cli.local_fleet import LocalFleet
 from microupdates.cli.stack import Stack, StackPorts
+from microupdates.workflows.contracts import FINAL_DEPLOYMENT_STATUSES
 
 DEPLOYMENT_WAIT_SECONDS = 300.0
-FINAL_STATUSES = ("succeeded", "failed", "failed_to_start")
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         detail = api.read_deployment(deployment_id)
-        if detail["status"] in FINAL_STATUSES:
+        if detail["status"] in FINAL_DEPLOYMENT_STATUSES:
             return detail
         time.sleep(0.3)
     raise AssertionError(f"deployment {deployment_id} did not finish within {timeout} s: {detail}")

@@ -4,10 +4,16 @@ Every process runs with stdin from /dev/null, in a new session (so it has no
 controlling terminal and is the leader of its own process group), with stdout
 and stderr merged into a bounded capture. A timeout or an abort stops the
 whole process group: SIGTERM first, SIGKILL after a grace period.
+
+The process id of each started process, which is also its process group id,
+goes to an `on_start` callback, so the agent's journal can store it and stop
+a group left behind by a crash with kill_process_group().
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import pwd
@@ -16,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from microupdates.device_agent.output import BoundedOutput
 from microupdates.protocol.device_api import StepResult
@@ -38,6 +44,29 @@ POLL_INTERVAL_SECONDS = 0.05
 READ_CHUNK_BYTES = 64 * 1024
 
 OutputCallback = Callable[[bytes], None]
+# Called with the pid of a process just started, which is also its process group id.
+ProcessStartCallback = Callable[[int], None]
+
+# The on_start callback of run_process calls that give none, set by
+# observe_process_starts() for everything a stage starts.
+_default_on_start: contextvars.ContextVar[Optional[ProcessStartCallback]] = contextvars.ContextVar(
+    "default_on_start", default=None
+)
+
+
+@contextlib.contextmanager
+def observe_process_starts(callback: Optional[ProcessStartCallback]) -> Iterator[None]:
+    """Make callback the on_start of every run_process call without one, in this thread, inside the block.
+
+    The stage runner uses it so that processes started by executors that
+    take no on_start parameter (package managers) are reported too.
+    """
+
+    token = _default_on_start.set(callback)
+    try:
+        yield
+    finally:
+        _default_on_start.reset(token)
 
 
 class _OutputPump(threading.Thread):
@@ -132,13 +161,22 @@ def _group_has_other_live_members(pgid: int) -> bool:
     Returns True when /proc cannot be read, so the caller waits the full grace period.
     """
 
+    return _group_has_live_members(pgid, skip_pid=pgid)
+
+
+def _group_has_live_members(pgid: int, skip_pid: Optional[int] = None) -> bool:
+    """Check /proc for processes in the group, other than skip_pid, that are not zombies.
+
+    Returns True when /proc cannot be read.
+    """
+
     try:
         entries = os.listdir("/proc")
     except OSError:
         return True
 
     for entry in entries:
-        if not entry.isdigit() or int(entry) == pgid:
+        if not entry.isdigit() or int(entry) == skip_pid:
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat_file:
@@ -191,6 +229,50 @@ def _stop_process_group(process: subprocess.Popen) -> None:
         logger.error("Process %d did not end %g s after SIGKILL", pgid, REAP_WAIT_SECONDS)
 
 
+def kill_process_group(pgid: int, grace_seconds: float = STOP_GRACE_SECONDS) -> bool:
+    """Stop every process in a process group: SIGTERM, up to grace_seconds to exit, then SIGKILL.
+
+    Returns False when no process is in the group or signalling it is not
+    permitted, and True once the signals were sent. A group that ends at any
+    point is not an error. Raises ValueError for pgid 0 or 1, or the agent's
+    own group, which killpg would read differently or must never hit.
+    NOTE: process group ids are reused, by the next boot above all. A caller
+    that stored pgid before a crash must check that the group is still the one it started.
+    """
+
+    if pgid <= 1 or pgid == os.getpgrp():
+        raise ValueError(f"refusing to kill process group {pgid}: it is not a group started by a stage")
+
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    except PermissionError as error:
+        logger.warning("Sending SIGTERM to process group %d failed: %s", pgid, error)
+        return False
+    logger.warning("Stopping process group %d left behind by an earlier stage", pgid)
+
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if not _group_has_live_members(pgid):
+            break
+        time.sleep(POLL_INTERVAL_SECONDS)
+
+    _signal_group(pgid, signal.SIGKILL)
+    return True
+
+
+def _notify_start(callback: Optional[ProcessStartCallback], pid: int, name: str) -> None:
+    if callback is None:
+        return
+    try:
+        callback(pid)
+    except Exception:
+        # The callback stores the group for crash recovery; the command
+        # still runs and is stopped as usual when the callback fails.
+        logger.exception("Process start callback failed for %s (pid %d)", name, pid)
+
+
 def _wait_for_exit_or_stop(
     process: subprocess.Popen, timeout_seconds: float, abort_event: Optional[threading.Event], timeout_error: str
 ) -> Optional[str]:
@@ -227,6 +309,7 @@ def run_process(
     abort_event: Optional[threading.Event] = None,
     on_output: Optional[OutputCallback] = None,
     timeout_error: Optional[str] = None,
+    on_start: Optional[ProcessStartCallback] = None,
 ) -> StepResult:
     """Run argv to completion, a timeout or an abort, and return its StepResult.
 
@@ -237,7 +320,9 @@ def run_process(
     as bash reports it. error is None on exit status 0 and else one of
     "exited with status N", "killed by SIGNAME", "timed out after N s"
     (or `timeout_error` when given), "aborted" or "could not start ...".
-    The output seen before a stop is kept.
+    The output seen before a stop is kept. `on_start` gets the child's pid,
+    which is its process group id, right after it starts; without it, the
+    callback of an enclosing observe_process_starts() block does.
     """
 
     started = time.monotonic()
@@ -263,6 +348,7 @@ def run_process(
             error=f"could not start {argv[0]} in {cwd}: {error.strerror or error}",
         )
 
+    _notify_start(on_start if on_start is not None else _default_on_start.get(), process.pid, name)
     pump = _OutputPump(process.stdout, output, on_output, name)
     pump.start()
 
@@ -312,6 +398,7 @@ def run_command(
     cwd: str,
     abort_event: Optional[threading.Event] = None,
     on_output: Optional[OutputCallback] = None,
+    on_start: Optional[ProcessStartCallback] = None,
 ) -> StepResult:
     """Run a bash script the way run_process runs a program.
 
@@ -334,6 +421,7 @@ def run_command(
         cwd=cwd,
         abort_event=abort_event,
         on_output=on_output,
+        on_start=on_start,
     )
 
 

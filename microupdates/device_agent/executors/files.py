@@ -1,29 +1,58 @@
-"""The files stage: place verified artifacts at their destinations atomically.
+"""The files stage: place verified artifacts at their destinations atomically, recording what they replace.
 
-A file is written to a temporary file in its destination's directory, fsynced
-and renamed over the destination. A directory arrives as a tar archive. Its
-members are checked and extracted into a staging directory next to the
-destination, and then each entry is renamed into place, merging with what is
-there. Before each path is written, a FileChange records what was there, so
-a rollback can later restore or remove it.
+Before anything is written, every artifact is opened, every directory
+archive is checked, and the free space of each file system is compared with
+what the stage will write (see free_space).
+
+A file is written to a temporary file in its destination's directory,
+fsynced and renamed over the destination. A directory arrives as a tar
+archive, which is checked and extracted into a staging directory next to
+the destination. Then either each entry is renamed into place, merging with
+what is there, or with `replace: true` the old directory is moved aside and
+the staging directory renamed in its place.
+
+With a change log, each batch of paths is recorded, with backups of the
+content it overwrites, before the first of them changes (see path_records),
+so revert_files can undo the stage up to the point where it stopped.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
-import posixpath
+import secrets
 import shutil
 import stat
 import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, List, Optional
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
+from microupdates.device_agent.change_log import (
+    ACTION_CREATE_DIRECTORY,
+    ACTION_REPLACE_DIRECTORY,
+    ACTION_SET_MODE,
+    ACTION_TEMPORARY,
+    ACTION_WRITE,
+    ChangeLog,
+    PathRecord,
+)
 from microupdates.device_agent.device_paths import map_device_path
+from microupdates.device_agent.executors.archives import ArchiveMember, extract_archive, scan_archive
+from microupdates.device_agent.executors.free_space import PlannedEntry, find_space_shortage
+from microupdates.device_agent.executors.path_records import PathRecorder
+from microupdates.device_agent.filesystem import (
+    COPY_CHUNK_BYTES,
+    TEMPORARY_PREFIX,
+    FileInstallError,
+    fsync_directory,
+    lstat_or_none,
+    missing_directories,
+    remove_quietly,
+)
 from microupdates.protocol.device_api import StepResult
 from microupdates.protocol.recipe import FileEntry
 
@@ -31,84 +60,18 @@ logger = logging.getLogger(__name__)
 
 NEW_FILE_MODE = 0o644
 NEW_DIRECTORY_MODE = 0o755
-COPY_CHUNK_BYTES = 1024 * 1024
-TEMPORARY_PREFIX = ".microupdates-"
+FREE_SPACE_STEP = "check free space"
 
 
-class FileInstallError(Exception):
-    """Failure of a files-stage step, with a message naming the path and the reason."""
+@dataclass
+class _ResolvedEntry:
+    """A file entry with its destination mapped to this machine and its artifact downloaded."""
 
-
-@dataclass(frozen=True)
-class FileChange:
-    """A path about to be written by the files stage and what was there before.
-
-    `path` is the path on this machine (device root applied). `previous_kind`
-    is "file", "directory", "symlink" or "other" when the path existed, else None.
-    """
-
-    path: str
-    existed: bool
-    previous_kind: Optional[str]
-
-
-def _lstat_or_none(path: str) -> Optional[os.stat_result]:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _kind_of(status: os.stat_result) -> str:
-    if stat.S_ISLNK(status.st_mode):
-        return "symlink"
-    if stat.S_ISDIR(status.st_mode):
-        return "directory"
-    if stat.S_ISREG(status.st_mode):
-        return "file"
-    return "other"
-
-
-def _record_change(path: str, changes: List[FileChange]) -> Optional[os.stat_result]:
-    """Append what exists at path to changes and return its lstat (None when nothing does)."""
-
-    status = _lstat_or_none(path)
-    if status is None:
-        changes.append(FileChange(path=path, existed=False, previous_kind=None))
-    else:
-        changes.append(FileChange(path=path, existed=True, previous_kind=_kind_of(status)))
-    return status
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create_directories(path: str, changes: List[FileChange]) -> None:
-    """Create path and its missing ancestors with mode 0755, recording each one created."""
-
-    missing = []
-    current = path
-    while _lstat_or_none(current) is None:
-        missing.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-
-    if not os.path.isdir(current):
-        raise FileInstallError(f"{current} exists and is not a directory")
-
-    for directory in reversed(missing):
-        _record_change(directory, changes)
-        os.mkdir(directory, NEW_DIRECTORY_MODE)
-        # mkdir applies the umask; the mode is set explicitly so it does not depend on it.
-        os.chmod(directory, NEW_DIRECTORY_MODE)
-        _fsync_directory(os.path.dirname(directory))
+    entry: FileEntry
+    name: str
+    destination: str
+    artifact_path: str
+    members: Optional[List[ArchiveMember]] = None
 
 
 def _mismatch_message(expected: str, actual: str) -> str:
@@ -122,13 +85,42 @@ def _sha256_of_stream(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-def _copy_verified(source: str, directory: str, expected_sha256: str) -> str:
-    """Copy source into a new temporary file in directory, checking its SHA-256, and fsync it.
+def _missing_parents(path: str) -> List[str]:
+    """Return the directories to create so that path exists, top-most first."""
 
-    Returns the temporary file's path; it has mode 0600 until the caller sets the final mode.
+    try:
+        return missing_directories(path)
+    except NotADirectoryError as error:
+        raise FileInstallError(error.strerror) from error
+
+
+def _temporary_path(directory: str, suffix: str) -> str:
+    """Return a new hidden name in directory, which the caller records before creating it."""
+
+    return os.path.join(directory, f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}{suffix}")
+
+
+def _temporary_record(path: str) -> PathRecord:
+    return PathRecord(path=path, action=ACTION_TEMPORARY, existed=False)
+
+
+def _create_directories(directories: List[str]) -> None:
+    """Create each directory, top-most first, with mode 0755 whatever the umask."""
+
+    for directory in directories:
+        os.mkdir(directory, NEW_DIRECTORY_MODE)
+        os.chmod(directory, NEW_DIRECTORY_MODE)
+        fsync_directory(os.path.dirname(directory))
+
+
+def _copy_verified(source: str, temporary: str, expected_sha256: str) -> None:
+    """Copy source into the new file temporary, checking its SHA-256, and fsync it.
+
+    The file has mode 0600 until the caller sets the final mode. It is
+    removed when anything fails.
     """
 
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         digest = hashlib.sha256()
         with open(source, "rb") as reader, os.fdopen(fd, "wb") as writer:
@@ -142,16 +134,8 @@ def _copy_verified(source: str, directory: str, expected_sha256: str) -> str:
         if actual != expected_sha256:
             raise FileInstallError(_mismatch_message(expected_sha256, actual))
     except BaseException:
-        _remove_quietly(temporary)
+        remove_quietly(temporary)
         raise
-    return temporary
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as error:
-        logger.warning("Could not remove temporary file %s: %s", path, error)
 
 
 def _keep_owner(path: str, previous: Optional[os.stat_result]) -> None:
@@ -165,7 +149,7 @@ def _keep_owner(path: str, previous: Optional[os.stat_result]) -> None:
 
 
 def _install_file(
-    source: str, expected_sha256: str, destination: str, mode: Optional[int], changes: List[FileChange]
+    source: str, expected_sha256: str, destination: str, mode: Optional[int], recorder: PathRecorder
 ) -> None:
     """Replace destination atomically with a verified copy of source.
 
@@ -173,230 +157,231 @@ def _install_file(
     existing symbolic link is replaced by the file and its target is left alone.
     """
 
-    existing = _lstat_or_none(destination)
+    existing = lstat_or_none(destination)
     if existing is not None and stat.S_ISDIR(existing.st_mode):
         raise FileInstallError(f"{destination} is a directory; give kind 'directory' or another destination")
 
     parent = os.path.dirname(destination)
-    _create_directories(parent, changes)
+    new_directories = _missing_parents(parent)
+    temporary = _temporary_path(parent, ".tmp")
+    records = [recorder.capture(directory, ACTION_CREATE_DIRECTORY) for directory in new_directories]
+    records.append(recorder.capture(destination, ACTION_WRITE))
+    records.append(_temporary_record(temporary))
+    recorder.commit(records)
 
+    _create_directories(new_directories)
     if mode is None:
         keeps_mode = existing is not None and stat.S_ISREG(existing.st_mode)
         mode = stat.S_IMODE(existing.st_mode) if keeps_mode else NEW_FILE_MODE
 
-    temporary = _copy_verified(source, parent, expected_sha256)
+    _copy_verified(source, temporary, expected_sha256)
     try:
         # chown before chmod, because chown clears the setuid and setgid bits.
         _keep_owner(temporary, existing)
         os.chmod(temporary, mode)
-        _record_change(destination, changes)
         os.replace(temporary, destination)
     except BaseException:
-        _remove_quietly(temporary)
+        remove_quietly(temporary)
         raise
 
-    _fsync_directory(parent)
+    fsync_directory(parent)
 
 
-def _reject_member(member: tarfile.TarInfo, reason: str) -> None:
-    raise FileInstallError(f"archive member {member.name!r} {reason}, so no file from the archive was installed")
+@dataclass
+class _MergeStep:
+    """One change of a directory merge: create a directory, or move a staged file or link into place."""
+
+    action: str
+    target: str
+    staged: Optional[str] = None
+    mode: int = NEW_DIRECTORY_MODE
 
 
-def _check_member(member: tarfile.TarInfo) -> str:
-    """Validate one archive member and return its normalised relative path.
-
-    Rejects absolute names, `..` components, device files and FIFOs, and
-    links whose target lies outside the extracted tree.
-    """
-
-    if member.name.startswith("/"):
-        _reject_member(member, "has an absolute path")
-    if ".." in member.name.split("/"):
-        _reject_member(member, "contains '..'")
-    relative = posixpath.normpath(member.name)
-
-    if member.ischr() or member.isblk() or member.isfifo():
-        _reject_member(member, "is a device file or FIFO")
-
-    if member.issym():
-        if member.linkname.startswith("/"):
-            _reject_member(member, f"is a symbolic link to the absolute path {member.linkname!r}")
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(relative), member.linkname))
-        if target == ".." or target.startswith("../"):
-            _reject_member(member, f"is a symbolic link to {member.linkname!r}, outside the destination")
-    elif member.islnk():
-        if member.linkname.startswith("/") or ".." in member.linkname.split("/"):
-            _reject_member(member, f"is a hard link to {member.linkname!r}, outside the destination")
-    elif not (member.isreg() or member.isdir()):
-        _reject_member(member, "has an unsupported type")
-
-    return relative
-
-
-def _check_no_symlink_parent(staging: str, relative: str, member: tarfile.TarInfo) -> None:
-    """Reject a member whose path passes through a symbolic link extracted earlier.
-
-    Without this, a link to "." followed by a member below it could place a
-    relative link target that leaves the tree although it looks inside.
-    """
-
-    current = staging
-    for part in relative.split("/")[:-1]:
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            _reject_member(member, "lies inside a symbolic link from the same archive")
-
-
-def _clear_path(path: str) -> None:
-    """Remove a non-directory left at path by an earlier member with the same name."""
-
-    status = _lstat_or_none(path)
-    if status is not None and not stat.S_ISDIR(status.st_mode):
-        os.unlink(path)
-
-
-def _extract_regular_file(archive: tarfile.TarFile, member: tarfile.TarInfo, target: str) -> None:
-    # Setuid, setgid and sticky bits are dropped: an archive from an operator's
-    # machine must not create setuid programs owned by the agent's user (root).
-    mode = member.mode & 0o777
-    reader = archive.extractfile(member)
-    if reader is None:
-        _reject_member(member, "has no content")
-
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with reader, os.fdopen(fd, "wb") as writer:
-        shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
-        writer.flush()
-        os.fchmod(writer.fileno(), mode)
-        os.fsync(writer.fileno())
-
-
-def _extract_archive(archive: tarfile.TarFile, staging: str) -> Dict[str, int]:
-    """Extract every member into staging after checking it.
-
-    Directories are created with mode 0700 in staging. Their modes from the
-    archive are returned by relative path and applied to directories created
-    at the destination. The archive's top directory (".") gets no mode entry.
-    Owners from the archive are not applied, so new entries belong to the agent's user.
-    """
-
-    directory_modes = {}
-    for member in archive:
-        relative = _check_member(member)
-        if relative == ".":
-            continue
-        _check_no_symlink_parent(staging, relative, member)
-
-        target = os.path.join(staging, relative)
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-
-        if member.isdir():
-            _clear_path(target)
-            os.makedirs(target, mode=0o700, exist_ok=True)
-            directory_modes[relative] = member.mode & 0o777
-        elif member.issym():
-            _clear_path(target)
-            os.symlink(member.linkname, target)
-        elif member.islnk():
-            _clear_path(target)
-            linked = os.path.join(staging, posixpath.normpath(member.linkname))
-            linked_status = _lstat_or_none(linked)
-            if linked_status is None or not stat.S_ISREG(linked_status.st_mode):
-                _reject_member(member, f"is a hard link to {member.linkname!r}, which is not an earlier regular file")
-            os.link(linked, target, follow_symlinks=False)
-        else:
-            _clear_path(target)
-            _extract_regular_file(archive, member, target)
-
-    return directory_modes
-
-
-def _ensure_directory(path: str, mode: int, changes: List[FileChange]) -> None:
-    """Create directory path with mode unless a directory exists there. A symbolic link or file there is an error."""
-
-    existing = _lstat_or_none(path)
+def _plan_directory(target: str, mode: int) -> Optional[_MergeStep]:
+    existing = lstat_or_none(target)
     if existing is None:
-        _record_change(path, changes)
-        os.mkdir(path, mode)
-        os.chmod(path, mode)
-        return
+        return _MergeStep(ACTION_CREATE_DIRECTORY, target, mode=mode)
     if stat.S_ISLNK(existing.st_mode):
-        raise FileInstallError(f"{path} is a symbolic link, but the archive has a directory there")
+        raise FileInstallError(f"{target} is a symbolic link, but the archive has a directory there")
     if not stat.S_ISDIR(existing.st_mode):
-        raise FileInstallError(f"{path} exists and is not a directory, but the archive has a directory there")
+        raise FileInstallError(f"{target} exists and is not a directory, but the archive has a directory there")
+    return None
 
 
-def _move_into_place(staged: str, destination: str, changes: List[FileChange]) -> None:
-    """Rename a staged file or symbolic link over destination, keeping an existing file's owner."""
-
-    existing = _lstat_or_none(destination)
+def _plan_move(staged: str, target: str) -> _MergeStep:
+    existing = lstat_or_none(target)
     if existing is not None and stat.S_ISDIR(existing.st_mode):
-        raise FileInstallError(f"{destination} is a directory, but the archive has a file or link there")
-
-    if not os.path.islink(staged):
-        _keep_owner(staged, existing)
-    _record_change(destination, changes)
-    os.replace(staged, destination)
+        raise FileInstallError(f"{target} is a directory, but the archive has a file or link there")
+    return _MergeStep(ACTION_WRITE, target, staged=staged)
 
 
-def _merge_tree(staging: str, destination: str, directory_modes: Dict[str, int], changes: List[FileChange]) -> None:
-    """Move everything in staging into destination, creating directories and replacing files."""
+def _plan_merge(staging: str, destination: str, directory_modes: Dict[str, int]) -> List[_MergeStep]:
+    """List the changes that merge staging into destination, parents before children.
 
+    Conflicts (a directory where the archive has a file, or the reverse) raise
+    FileInstallError here, before anything at the destination changes.
+    """
+
+    steps = []
     for current, directory_names, file_names in os.walk(staging):
         relative_directory = os.path.relpath(current, staging)
         target_directory = destination if relative_directory == "." else os.path.join(destination, relative_directory)
 
         for name in sorted(directory_names):
             staged = os.path.join(current, name)
-            relative = os.path.normpath(os.path.join(relative_directory, name))
+            target = os.path.join(target_directory, name)
             if os.path.islink(staged):
                 # os.walk lists links to directories here but does not enter them.
-                _move_into_place(staged, os.path.join(target_directory, name), changes)
-            else:
-                mode = directory_modes.get(relative, NEW_DIRECTORY_MODE)
-                _ensure_directory(os.path.join(target_directory, name), mode, changes)
+                steps.append(_plan_move(staged, target))
+                continue
+            relative = os.path.normpath(os.path.join(relative_directory, name))
+            step = _plan_directory(target, directory_modes.get(relative, NEW_DIRECTORY_MODE))
+            if step is not None:
+                steps.append(step)
 
         for name in sorted(file_names):
-            _move_into_place(os.path.join(current, name), os.path.join(target_directory, name), changes)
+            steps.append(_plan_move(os.path.join(current, name), os.path.join(target_directory, name)))
+    return steps
 
-        _fsync_directory(target_directory)
+
+def _apply_merge(steps: List[_MergeStep]) -> None:
+    """Carry out the merge steps in order, fsyncing each directory that changed."""
+
+    changed_directories = []
+    for step in steps:
+        if step.action == ACTION_CREATE_DIRECTORY:
+            os.mkdir(step.target, step.mode)
+            os.chmod(step.target, step.mode)
+        else:
+            assert step.staged is not None
+            existing = lstat_or_none(step.target)
+            if not os.path.islink(step.staged):
+                _keep_owner(step.staged, existing)
+            os.replace(step.staged, step.target)
+
+        parent = os.path.dirname(step.target)
+        if parent not in changed_directories:
+            changed_directories.append(parent)
+
+    for directory in changed_directories:
+        fsync_directory(directory)
+
+
+def _set_staged_directory_modes(staging: str, directory_modes: Dict[str, int]) -> None:
+    """Give each directory below staging its mode from the archive, or 0755, before staging goes live."""
+
+    for current, directory_names, _ in os.walk(staging):
+        for name in directory_names:
+            path = os.path.join(current, name)
+            if not os.path.islink(path):
+                relative = os.path.relpath(path, staging)
+                os.chmod(path, directory_modes.get(relative, NEW_DIRECTORY_MODE))
+
+
+def _replace_directory(
+    staging: str,
+    destination: str,
+    existing: Optional[os.stat_result],
+    mode: Optional[int],
+    directory_modes: Dict[str, int],
+    recorder: PathRecorder,
+) -> None:
+    """Swap the directory at destination (if any) for staging, moving the old one aside.
+
+    The new directory gets the old directory's owner, and `mode`, else the
+    old directory's mode, else 0755. The two renames are not one atomic
+    step, so for a moment nothing is at destination. A crash in between is
+    undone by revert_files, because the record is written first.
+    """
+
+    _set_staged_directory_modes(staging, directory_modes)
+    if existing is not None:
+        os.lchown(staging, existing.st_uid, existing.st_gid)
+        os.chmod(staging, mode if mode is not None else stat.S_IMODE(existing.st_mode))
+    else:
+        os.chmod(staging, mode if mode is not None else NEW_DIRECTORY_MODE)
+
+    record = recorder.capture(destination, ACTION_REPLACE_DIRECTORY)
+    aside = recorder.aside_path(destination) if existing is not None else None
+    record.backup = aside if recorder.change_log is not None else None
+    recorder.commit([record])
+
+    parent = os.path.dirname(destination)
+    if aside is not None:
+        os.rename(destination, aside)
+    os.rename(staging, destination)
+    fsync_directory(parent)
+    if aside is None:
+        return
+
+    fsync_directory(os.path.dirname(aside))
+    if recorder.change_log is None:
+        # Without a change log nothing can restore the old directory, so it is deleted.
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _extract_to_staging(source: str, expected_sha256: str, staging: str) -> Dict[str, int]:
+    with open(source, "rb") as archive_file:
+        actual = _sha256_of_stream(archive_file)
+        if actual != expected_sha256:
+            raise FileInstallError(_mismatch_message(expected_sha256, actual))
+        archive_file.seek(0)
+        with tarfile.open(fileobj=archive_file, mode="r:*") as archive:
+            return extract_archive(archive, staging)
 
 
 def _install_directory(
-    source: str, expected_sha256: str, destination: str, mode: Optional[int], changes: List[FileChange]
+    source: str,
+    expected_sha256: str,
+    destination: str,
+    mode: Optional[int],
+    replace: bool,
+    recorder: PathRecorder,
 ) -> None:
-    """Merge the tar archive at source (gzip-compressed or plain) into the destination directory.
+    """Merge the tar archive at source (gzip-compressed or plain) into destination, or replace destination with it.
 
     `mode`, when given, is applied to the destination directory itself; a
     destination that does not exist yet is otherwise created with mode 0755.
     """
 
-    existing = _lstat_or_none(destination)
+    existing = lstat_or_none(destination)
     if existing is not None and stat.S_ISLNK(existing.st_mode):
         raise FileInstallError(f"{destination} is a symbolic link; give the directory it points to as destination")
     if existing is not None and not stat.S_ISDIR(existing.st_mode):
         raise FileInstallError(f"{destination} exists and is not a directory")
-
-    parent = os.path.dirname(destination)
-    _create_directories(parent, changes)
+    is_mount_point = existing is not None and os.path.ismount(destination)
+    if replace and is_mount_point:
+        raise FileInstallError(
+            f"{destination} is a mount point, which cannot be replaced; set replace to false to merge into it"
+        )
 
     # Staging must be on the destination's file system so that entries can be
     # renamed into place. A destination that is a mount point gets the staging directory inside it.
-    staging_parent = destination if existing is not None and os.path.ismount(destination) else parent
-    staging = tempfile.mkdtemp(dir=staging_parent, prefix=TEMPORARY_PREFIX + "stage-")
-    try:
-        with open(source, "rb") as archive_file:
-            actual = _sha256_of_stream(archive_file)
-            if actual != expected_sha256:
-                raise FileInstallError(_mismatch_message(expected_sha256, actual))
-            archive_file.seek(0)
-            with tarfile.open(fileobj=archive_file, mode="r:*") as archive:
-                directory_modes = _extract_archive(archive, staging)
+    parent = os.path.dirname(destination)
+    staging = _temporary_path(destination if is_mount_point else parent, "-stage")
+    new_directories = _missing_parents(parent)
+    records = [recorder.capture(directory, ACTION_CREATE_DIRECTORY) for directory in new_directories]
+    records.append(_temporary_record(staging))
+    recorder.commit(records)
 
+    _create_directories(new_directories)
+    os.mkdir(staging, 0o700)
+    try:
+        directory_modes = _extract_to_staging(source, expected_sha256, staging)
+        if replace:
+            _replace_directory(staging, destination, existing, mode, directory_modes, recorder)
+            return
+
+        steps = []
         if existing is None:
-            _ensure_directory(destination, NEW_DIRECTORY_MODE, changes)
-            _fsync_directory(parent)
-        _merge_tree(staging, destination, directory_modes, changes)
+            steps.append(_MergeStep(ACTION_CREATE_DIRECTORY, destination, mode=NEW_DIRECTORY_MODE))
+        steps.extend(_plan_merge(staging, destination, directory_modes))
+        records = [recorder.capture(step.target, step.action) for step in steps]
+        if existing is not None and mode is not None:
+            records.insert(0, recorder.capture(destination, ACTION_SET_MODE))
+        recorder.commit(records)
+
+        _apply_merge(steps)
         if mode is not None:
             os.chmod(destination, mode)
     finally:
@@ -407,22 +392,62 @@ def _step_name(entry: FileEntry) -> str:
     return f"{entry.kind or 'file'} {entry.destination}"
 
 
-def _install_entry(
-    entry: FileEntry,
-    device_root: Optional[str],
-    open_artifact: Callable[[str], str],
-    changes: List[FileChange],
-) -> None:
+def _resolve_entry(entry: FileEntry, device_root: Optional[str], open_artifact: Callable[[str], str]) -> _ResolvedEntry:
+    """Map the destination, fetch the artifact and, for a directory, check its archive's members."""
+
     if entry.artifact is None:
         raise FileInstallError(f"the entry for {entry.destination} has no artifact digest")
 
     destination = map_device_path(entry.destination, device_root)
-    source = open_artifact(entry.artifact)
-
+    artifact_path = open_artifact(entry.artifact)
+    resolved = _ResolvedEntry(entry, _step_name(entry), destination, artifact_path)
     if entry.kind == "directory":
-        _install_directory(source, entry.artifact, destination, entry.mode_bits(), changes)
-    else:
-        _install_file(source, entry.artifact, destination, entry.mode_bits(), changes)
+        with open(artifact_path, "rb") as archive_file:
+            resolved.members = scan_archive(archive_file)
+    return resolved
+
+
+def _planned_entry(item: _ResolvedEntry) -> PlannedEntry:
+    return PlannedEntry(
+        label=item.entry.destination,
+        destination=item.destination,
+        is_directory=item.members is not None,
+        replace=item.entry.replace,
+        artifact_size_bytes=os.path.getsize(item.artifact_path),
+        members=item.members or [],
+    )
+
+
+def _describe_error(error: Exception, entry: FileEntry) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on the filesystem of {entry.destination} while writing it"
+    return str(error)
+
+
+def _prepare(
+    entries: List[FileEntry],
+    device_root: Optional[str],
+    open_artifact: Callable[[str], str],
+    change_log: Optional[ChangeLog],
+) -> Tuple[List[_ResolvedEntry], Optional[StepResult]]:
+    """Resolve every entry and check free space; return the entries, or the failed step that stops the stage."""
+
+    resolved = []
+    for entry in entries:
+        started = time.monotonic()
+        try:
+            resolved.append(_resolve_entry(entry, device_root, open_artifact))
+        except (FileInstallError, ValueError, OSError, tarfile.TarError) as error:
+            logger.error("Preparing %s failed: %s", _step_name(entry), error)
+            return [], StepResult(name=_step_name(entry), duration_seconds=time.monotonic() - started, error=str(error))
+
+    started = time.monotonic()
+    backup_directory = change_log.backup_directory if change_log is not None else None
+    shortage = find_space_shortage([_planned_entry(item) for item in resolved], backup_directory)
+    if shortage is not None:
+        logger.error("Files stage stopped before writing: %s", shortage)
+        return [], StepResult(name=FREE_SPACE_STEP, duration_seconds=time.monotonic() - started, error=shortage)
+    return resolved, None
 
 
 def install_files(
@@ -431,39 +456,48 @@ def install_files(
     device_root: Optional[str],
     open_artifact: Callable[[str], str],
     abort_event: Optional[threading.Event] = None,
-    changes: Optional[List[FileChange]] = None,
+    change_log: Optional[ChangeLog] = None,
 ) -> List[StepResult]:
     """Install each entry in order and return one StepResult per entry tried.
 
     An entry without kind is a file. `open_artifact(sha256)` returns the path
-    of the downloaded artifact, whose SHA-256 is checked again here. Stops at
-    the first failure or when abort_event is set; the last result then has the
-    error. Before each path is created or replaced, a FileChange is appended to
-    `changes`, so the list is complete up to the failure even when an
+    of the downloaded artifact, whose SHA-256 is checked again here. Nothing
+    is written when an entry cannot be resolved, an archive has an unsafe
+    member, or free space is short, and the only step then names the problem.
+    Installing stops at the first failure or when abort_event is set, and the
+    last result then has the error. With a change_log, every path is recorded
+    before it changes, so the log is complete up to the failure even when an
     unexpected exception propagates.
     """
 
-    if changes is None:
-        changes = []
+    resolved, failure = _prepare(entries, device_root, open_artifact, change_log)
+    if failure is not None:
+        return [failure]
 
+    recorder = PathRecorder(change_log)
     results = []
-    for entry in entries:
-        name = _step_name(entry)
+    for item in resolved:
         if abort_event is not None and abort_event.is_set():
-            results.append(StepResult(name=name, error="aborted"))
+            results.append(StepResult(name=item.name, error="aborted"))
             break
 
         started = time.monotonic()
         error = None
+        entry = item.entry
         try:
-            _install_entry(entry, device_root, open_artifact, changes)
+            if entry.kind == "directory":
+                _install_directory(
+                    item.artifact_path, entry.artifact, item.destination, entry.mode_bits(), entry.replace, recorder
+                )
+            else:
+                _install_file(item.artifact_path, entry.artifact, item.destination, entry.mode_bits(), recorder)
         except (FileInstallError, ValueError, OSError, tarfile.TarError) as exception:
-            error = str(exception)
-            logger.error("Installing %s failed: %s", name, error)
+            error = _describe_error(exception, entry)
+            logger.error("Installing %s failed: %s", item.name, error)
 
-        results.append(StepResult(name=name, duration_seconds=time.monotonic() - started, error=error))
+        results.append(StepResult(name=item.name, duration_seconds=time.monotonic() - started, error=error))
         if error is not None:
             break
-        logger.info("Installed %s", name)
+        logger.info("Installed %s", item.name)
 
     return results
