@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,18 +11,47 @@ import httpx
 
 from microupdates.recipe_files import bundle_recipe, load_recipe_file
 
+logger = logging.getLogger(__name__)
+
 OPERATOR_API_PREFIX = "/api/v1"
 REQUEST_TIMEOUT_SECONDS = 60.0
 
+# The API's maximum page sizes for GET /devices and GET /deployments/{id}.
+DEVICE_PAGE_SIZE = 1000
+DEPLOYMENT_DEVICE_PAGE_SIZE = 1000
+
+MAX_ERROR_BODY_CHARS = 500
+
 
 class OperatorApiError(Exception):
-    """Raised when the API answers with an error; the message is the API's own sentence."""
+    """Raised when the API answers with an error; the message contains the API's own sentence.
+
+    `status_code` is the HTTP status, or None when no answer arrived.
+    """
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class OperatorApiConnectionError(OperatorApiError):
+    """Raised when the API cannot be reached or does not answer in time."""
+
+    def __init__(self, server_url: str, reason: str) -> None:
+        super().__init__(f"Cannot reach the API at {server_url}: {reason}")
+        self.server_url = server_url
+        self.reason = reason
 
 
 class OperatorApiClient:
-    def __init__(self, server_url: str) -> None:
+    """Synchronous client of `/api/v1`; every method returns the decoded JSON body."""
+
+    def __init__(self, server_url: str, api_key: str | None = None) -> None:
         self.server_url = server_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.server_url + OPERATOR_API_PREFIX, timeout=REQUEST_TIMEOUT_SECONDS)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.server_url + OPERATOR_API_PREFIX, timeout=REQUEST_TIMEOUT_SECONDS, headers=headers
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -34,18 +65,47 @@ class OperatorApiClient:
     def register_device(self, name: str, groups: list[str], tags: list[str] | None = None) -> dict[str, Any]:
         return self._request("POST", "/devices", json={"name": name, "groups": groups, "tags": tags or []})
 
-    def list_devices(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/devices")
+    def list_devices(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        return self._request("GET", "/devices", params=params)
+
+    def iter_devices(self) -> Iterator[dict[str, Any]]:
+        """Yield every registered device in id order, one API page at a time."""
+
+        after = None
+        while True:
+            page = self.list_devices(DEVICE_PAGE_SIZE, after)
+            yield from page
+            if len(page) < DEVICE_PAGE_SIZE:
+                return
+            after = page[-1]["id"]
+
+    def read_device(self, device_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/devices/{device_id}")
+
+    def remove_device(self, device_id: str) -> None:
+        self._request("DELETE", f"/devices/{device_id}")
 
     def upload_artifact(self, content: bytes) -> str:
         return self._request("POST", "/artifacts", content=content)["sha256"]
 
     def create_update_from_file(self, recipe_path: Path) -> dict[str, Any]:
-        """Validate a recipe file, upload its files and store it as an update."""
+        """Validate a recipe file, upload its files and store it as an update.
+
+        Raises RecipeError when the file is invalid, before anything is uploaded.
+        """
 
         loaded = load_recipe_file(recipe_path)
         recipe = bundle_recipe(loaded, self.upload_artifact)
         return self._request("POST", "/updates", json={"recipe": recipe.model_dump(mode="json", exclude_none=True)})
+
+    def list_updates(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._request("GET", "/updates", params={"limit": limit})
+
+    def read_update(self, update_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/updates/{update_id}")
 
     def deploy(
         self,
@@ -70,8 +130,32 @@ class OperatorApiClient:
     def list_deployments(self, limit: int = 20) -> list[dict[str, Any]]:
         return self._request("GET", "/deployments", params={"limit": limit})
 
-    def read_deployment(self, deployment_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/deployments/{deployment_id}")
+    def read_deployment(
+        self, deployment_id: str, limit: int | None = None, after: str | None = None
+    ) -> dict[str, Any]:
+        """Return a deployment with one page of its devices (the API's default page size when `limit` is None)."""
+
+        params: dict[str, Any] = {}
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return self._request("GET", f"/deployments/{deployment_id}", params=params)
+
+    def read_deployment_with_all_devices(self, deployment_id: str) -> dict[str, Any]:
+        """Return a deployment with every device, reading further pages while a page comes back full.
+
+        The summary fields (status, counts) are those of the first page's answer.
+        """
+
+        detail = self.read_deployment(deployment_id, limit=DEPLOYMENT_DEVICE_PAGE_SIZE)
+        page = detail["devices"]
+        while len(page) == DEPLOYMENT_DEVICE_PAGE_SIZE:
+            page = self.read_deployment(
+                deployment_id, limit=DEPLOYMENT_DEVICE_PAGE_SIZE, after=page[-1]["device_id"]
+            )["devices"]
+            detail["devices"].extend(page)
+        return detail
 
     def read_device_result(self, deployment_id: str, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/deployments/{deployment_id}/devices/{device_id}")
@@ -79,12 +163,41 @@ class OperatorApiClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as error:
+            raise OperatorApiConnectionError(
+                self.server_url, f"no answer within {REQUEST_TIMEOUT_SECONDS:.0f} s ({type(error).__name__})"
+            ) from error
         except httpx.HTTPError as error:
-            raise OperatorApiError(f"Cannot reach the API at {self.server_url}: {error}") from error
+            raise OperatorApiConnectionError(self.server_url, str(error) or type(error).__name__) from error
+
+        logger.debug("%s %s answered HTTP %d", method, path, response.status_code)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = response.text[:500]
-            raise OperatorApiError(f"{method} {path} failed with HTTP {response.status_code}: {detail}")
+            detail = describe_error_body(response)
+            raise OperatorApiError(
+                f"{method} {path} failed with HTTP {response.status_code}: {detail}", response.status_code
+            )
         return response.json() if response.content else None
+
+
+def describe_error_body(response: httpx.Response) -> str:
+    """Return the `detail` of a FastAPI error body as one line of text."""
+
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return response.text[:MAX_ERROR_BODY_CHARS] or response.reason_phrase
+
+    # A request-validation error carries a list of {loc, msg}, one per rejected field.
+    if isinstance(detail, list):
+        return "; ".join(describe_validation_item(item) for item in detail)
+    if detail is None:
+        return response.reason_phrase
+    return str(detail)
+
+
+def describe_validation_item(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    location = ".".join(str(part) for part in item.get("loc", []) if part != "body")
+    message = str(item.get("msg", "invalid"))
+    return f"{location}: {message}" if location else message

@@ -110,11 +110,12 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str) -> dict:
 
 def print_result_table(console: Console, api: OperatorApiClient, detail: dict) -> None:
     table = Table(title=f"Deployment {detail['id']}: {detail['status']} (update {detail['update_version']})")
-    for column in ("device", "status", "stage", "stages run", "seconds", "error"):
-        table.add_column(column, overflow="fold")
+    for column in ("device", "status", "stage", "stages run", "seconds"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("error", overflow="fold")
     for device in detail["devices"]:
         result = api.read_device_result(detail["id"], device["device_id"])
-        stages = " ".join(f"{s['stage']}:{s['status'] or s['state']}" for s in result["stages"])
+        stages = "\n".join(f"{s['stage']} {s['status'] or s['state']}" for s in result["stages"])
         seconds = sum(s["duration_seconds"] or 0 for s in result["stages"])
         error = device["error"] or ""
         if device["rollback_error"]:
