@@ -681,7 +681,7 @@ def test_validate_recipe_rejects_invalid_package_location(manager, field, path, 
 def test_validate_recipe_rejects_virtualenv_for_apt():
     message = validation_message(packages_data("apt", {"name": "curl"}, virtualenv="/opt/venv"))
 
-    assert message == "dependencies.apt.virtualenv: unknown field 'virtualenv'; known fields here: packages, timeout_seconds"
+    assert message == "dependencies.apt.virtualenv: unknown field 'virtualenv'; known fields here: packages, timeout_seconds, lock_timeout_seconds"
 
 
 def test_validate_recipe_rejects_unknown_package_manager():
@@ -929,3 +929,19 @@ def test_format_validation_error_uses_validated_model():
 )
 def test_check_absolute_path_returns_normalised_path(path, expected):
     assert check_absolute_path(path) == expected
+
+
+@pytest.mark.parametrize("value", [0, 86401, "5"])
+def test_validate_recipe_rejects_invalid_apt_lock_timeout(value):
+    data = packages_data("apt", {"name": "curl"})
+    data["dependencies"]["apt"]["lock_timeout_seconds"] = value
+
+    message = validation_message(data)
+
+    assert message.startswith("dependencies.apt.lock_timeout_seconds: ")
+
+
+def test_validate_recipe_defaults_apt_lock_timeout():
+    recipe = Recipe.model_validate(packages_data("apt", {"name": "curl"}))
+
+    assert recipe.dependencies.apt.lock_timeout_seconds == 120

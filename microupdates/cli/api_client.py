@@ -199,5 +199,5 @@ def describe_validation_item(item: Any) -> str:
     if not isinstance(item, dict):
         return str(item)
     location = ".".join(str(part) for part in item.get("loc", []) if part != "body")
-    message = str(item.get("msg", "invalid"))
+    message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{location}: {message}" if location else message

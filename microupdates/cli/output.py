@@ -122,5 +122,5 @@ def describe_device_error(row: dict[str, Any]) -> str:
     error = row.get("error") or ""
     rollback_error = row.get("rollback_error")
     if rollback_error:
-        error = f"{error} (rollback failed: {rollback_error})" if error else f"rollback failed: {rollback_error}"
+        error = f"{error}; rollback failed: {rollback_error}" if error else f"rollback failed: {rollback_error}"
     return " ".join(error.split())

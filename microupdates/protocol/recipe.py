@@ -20,6 +20,7 @@ MAX_FILES = 500
 MAX_PACKAGES_PER_MANAGER = 200
 DEFAULT_COMMAND_TIMEOUT_SECONDS = 300
 DEFAULT_PACKAGE_TIMEOUT_SECONDS = 900
+DEFAULT_APT_LOCK_TIMEOUT_SECONDS = 120
 MAX_TIMEOUT_SECONDS = 24 * 3600
 DEFAULT_CHECK_IN_DEADLINE_SECONDS = 24 * 3600
 MAX_CHECK_IN_DEADLINE_SECONDS = 30 * 24 * 3600
@@ -320,9 +321,16 @@ class PackageGroup(RecipeModel):
 
 
 class AptPackages(PackageGroup):
-    """Debian packages, installed with `apt-get install -y` without questions."""
+    """Debian packages, installed with `apt-get install -y` without questions.
+
+    `lock_timeout_seconds` bounds the wait for a dpkg lock held by another
+    process (an unattended upgrade, say); then the step fails naming the holder.
+    """
 
     packages: List[AptPackage] = Field(default_factory=list, max_length=MAX_PACKAGES_PER_MANAGER)
+    lock_timeout_seconds: int = Field(
+        default=DEFAULT_APT_LOCK_TIMEOUT_SECONDS, ge=1, le=MAX_TIMEOUT_SECONDS, strict=True
+    )
 
 
 class PipPackages(PackageGroup):

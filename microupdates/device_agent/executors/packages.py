@@ -33,13 +33,20 @@ from microupdates.device_agent.executors.package_checks import (
     unfinished_packages,
 )
 from microupdates.protocol.device_api import StepResult
-from microupdates.protocol.recipe import AptPackages, Dependencies, NpmPackages, PackageGroup, PipPackages
+from microupdates.protocol.recipe import (
+    DEFAULT_APT_LOCK_TIMEOUT_SECONDS,
+    AptPackages,
+    Dependencies,
+    NpmPackages,
+    PackageGroup,
+    PipPackages,
+)
 
 logger = logging.getLogger(__name__)
 
 # Default time apt-get waits for a dpkg lock held by another process before
 # it fails (apt's DPkg::Lock::Timeout option, in whole seconds).
-APT_LOCK_TIMEOUT_SECONDS = 120
+APT_LOCK_TIMEOUT_SECONDS = DEFAULT_APT_LOCK_TIMEOUT_SECONDS
 # -y answers apt's own questions. The dpkg options keep changed configuration
 # files without asking: dpkg's default action where it has one, else the
 # installed version.
@@ -350,13 +357,13 @@ def install_dependencies(
     env: Dict[str, str],
     abort_event: Optional[threading.Event] = None,
     on_output: Optional[OutputCallback] = None,
-    apt_lock_timeout_seconds: int = APT_LOCK_TIMEOUT_SECONDS,
+    apt_lock_timeout_seconds: Optional[int] = None,
 ) -> List[StepResult]:
     """Install apt, pip, pip3 and npm packages in that order, stopping at the first failed step.
 
     `env` is the whole environment of the commands. apt-get and dpkg also get
     APT_ENVIRONMENT (no prompts, untranslated messages), and apt-get waits up
-    to `apt_lock_timeout_seconds` for a dpkg lock that another process holds.
+    to `apt_lock_timeout_seconds` (default: the recipe's `apt.lock_timeout_seconds`) for a dpkg lock that another process holds.
     The device root maps the virtualenv and npm directory paths and is the
     working directory.
     NOTE: apt, pip without a virtualenv and global npm change this machine
@@ -371,7 +378,8 @@ def install_dependencies(
 
     if dependencies.apt is not None and dependencies.apt.packages:
         apt_runner = runner_for(dependencies.apt.timeout_seconds, _apt_environment(env))
-        steps.extend(_install_apt(dependencies.apt, apt_runner, apt_lock_timeout_seconds))
+        lock_timeout_seconds = apt_lock_timeout_seconds or dependencies.apt.lock_timeout_seconds
+        steps.extend(_install_apt(dependencies.apt, apt_runner, lock_timeout_seconds))
         if steps[-1].error is not None:
             return steps
 

@@ -1,0 +1,1 @@
+"""Typer command groups of the `microupdates` CLI, one module per group."""

@@ -1,0 +1,123 @@
+"""`microupdates deploy`: deploy a recipe file or a stored update, and optionally wait for the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from microupdates.cli.api_client import OperatorApiClient
+from microupdates.cli.connection import operator_api
+from microupdates.cli.follow import follow_deployment
+from microupdates.cli.options import (
+    DEFAULT_WATCH_TIMEOUT_SECONDS,
+    PlainOption,
+    ServerOption,
+    WatchJsonOption,
+    WatchTimeoutOption,
+)
+from microupdates.cli.output import echo_json, fail, make_console
+from microupdates.protocol.recipe import MAX_CHECK_IN_DEADLINE_SECONDS, MAX_HEARTBEAT_TIMEOUT_SECONDS
+
+
+def deploy(
+    recipe: Annotated[
+        Optional[Path],
+        typer.Argument(help="Recipe file to store as a new update and deploy. Give this or --update.", show_default=False),
+    ] = None,
+    update: Annotated[
+        Optional[str], typer.Option("--update", help="Id of a stored update to deploy, instead of a recipe file.")
+    ] = None,
+    device: Annotated[
+        Optional[list[str]], typer.Option("--device", help="Target device; repeat for several.")
+    ] = None,
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Target group; repeat for several.")] = None,
+    check_in_deadline: Annotated[
+        Optional[int],
+        typer.Option(
+            "--check-in-deadline",
+            min=1,
+            max=MAX_CHECK_IN_DEADLINE_SECONDS,
+            help="Seconds each device has to check in before it is marked timed_out. Default: the recipe's.",
+        ),
+    ] = None,
+    heartbeat_timeout: Annotated[
+        Optional[int],
+        typer.Option(
+            "--heartbeat-timeout",
+            min=10,
+            max=MAX_HEARTBEAT_TIMEOUT_SECONDS,
+            help="Seconds without a progress report before a running stage fails. Default: the recipe's.",
+        ),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the deployment until it ends, showing each device's progress.")] = False,
+    timeout: WatchTimeoutOption = DEFAULT_WATCH_TIMEOUT_SECONDS,
+    plain: PlainOption = False,
+    as_json: WatchJsonOption = False,
+    server: ServerOption = None,
+) -> None:
+    """Deploy an update to devices and groups; without --device or --group, to the recipe's targets.
+
+    With --wait the exit code is 0 when every device succeeded, 2 when the
+    deployment ended failed or aborted, and 1 on errors or when --timeout
+    passes first.
+    """
+
+    if (recipe is None) == (update is None):
+        fail("Give either a RECIPE file or --update ID, not both and not neither.")
+    if recipe is not None and not recipe.exists():
+        fail(f"Recipe file {recipe} not found; to deploy a stored update, use --update ID.")
+
+    with operator_api(server) as api:
+        if recipe is not None:
+            created = api.create_update_from_file(recipe)
+            update = created["id"]
+            report_step(as_json, "update_created", f"Created update {update} (version {created['version']}) from {recipe}",
+                        update_id=update, version=created["version"], recipe=str(recipe))
+
+        timeouts = None
+        if check_in_deadline is not None or heartbeat_timeout is not None:
+            timeouts = complete_timeouts(api, update, check_in_deadline, heartbeat_timeout)
+
+        deployment = api.deploy(update, devices=device, groups=group, timeouts=timeouts)
+        report_step(
+            as_json,
+            "deployment_created",
+            f"Deployment {deployment['id']} of update {update} started (workflow {deployment['workflow_id']})",
+            deployment_id=deployment["id"],
+            update_id=update,
+            workflow_id=deployment["workflow_id"],
+        )
+
+        if not wait:
+            if not as_json:
+                make_console().print(f"Follow it with: microupdates deployments watch {deployment['id']}", style="dim")
+            return
+        follow_deployment(api, deployment["id"], plain, as_json, timeout, baseline_first_poll=False)
+
+
+def report_step(as_json: bool, event: str, message: str, **fields: Any) -> None:
+    if as_json:
+        echo_json({"event": event, **fields})
+    else:
+        make_console().print(message, soft_wrap=True)
+
+
+def complete_timeouts(
+    api: OperatorApiClient, update_id: str, check_in_deadline: int | None, heartbeat_timeout: int | None
+) -> dict[str, int]:
+    """Return both deployment timeouts, taking the one not given on the command line from the update's recipe.
+
+    The API replaces the recipe's timeouts as a whole when a deployment sets
+    any, so a field left out would fall back to the built-in default rather
+    than to the recipe's value.
+    """
+
+    recipe_timeouts = api.read_update(update_id)["recipe"].get("timeouts") or {}
+    timeouts = {key: value for key, value in recipe_timeouts.items() if isinstance(value, int)}
+    if check_in_deadline is not None:
+        timeouts["check_in_deadline_seconds"] = check_in_deadline
+    if heartbeat_timeout is not None:
+        timeouts["heartbeat_timeout_seconds"] = heartbeat_timeout
+    return timeouts

@@ -1,0 +1,89 @@
+"""`microupdates devices`: register, list, show and remove devices."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from microupdates.cli.connection import operator_api
+from microupdates.cli.options import JsonOption, ServerOption
+from microupdates.cli.output import echo_json_document, make_console
+from microupdates.cli.tables import device_details_table, devices_table
+
+app = typer.Typer(help="Register, list, show and remove devices.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_devices(
+    server: ServerOption = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=1, help="Show at most this many devices, in name order. Default: all.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List registered devices with their groups, tags and last check-in."""
+
+    with operator_api(server) as api:
+        devices = []
+        for device in api.iter_devices():
+            if limit is not None and len(devices) >= limit:
+                break
+            devices.append(device)
+
+    if as_json:
+        echo_json_document(devices)
+        return
+    console = make_console()
+    if not devices:
+        console.print("No devices are registered.")
+        return
+    console.print(devices_table(devices))
+
+
+@app.command("show")
+def show_device(device: str, server: ServerOption = None, as_json: JsonOption = False) -> None:
+    """Show one device."""
+
+    with operator_api(server) as api:
+        body = api.read_device(device)
+
+    if as_json:
+        echo_json_document(body)
+        return
+    make_console().print(device_details_table(body))
+
+
+@app.command("register")
+def register_device(
+    name: Annotated[str, typer.Argument(help="Device name: 1-63 lower-case letters, digits, '.', '_' or '-'.")],
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Group to add the device to; repeat for several.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Tag to give the device; repeat for several.")] = None,
+    server: ServerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the id and token as JSON.")] = False,
+) -> None:
+    """Register a device and print its token, which the API shows only this once."""
+
+    with operator_api(server) as api:
+        created = api.register_device(name, groups=group or [], tags=tag or [])
+
+    if as_json:
+        echo_json_document(created)
+        return
+    console = make_console()
+    console.print(f"Registered device {created['id']}. Its token follows; the API shows it only this once:")
+    typer.echo(created["token"])
+    console.print(
+        f"Start the device's agent with: microupdates-agent --server-url {api.server_url} --device-token TOKEN",
+        soft_wrap=True,
+        style="dim",
+    )
+
+
+@app.command("remove")
+def remove_device(device: str, server: ServerOption = None) -> None:
+    """Remove a device from the registry; its token stops working."""
+
+    with operator_api(server) as api:
+        api.remove_device(device)
+    make_console().print(f"Removed device {device}.")

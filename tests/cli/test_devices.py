@@ -1,0 +1,85 @@
+"""`microupdates devices` against a real API."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_devices_register_prints_token_once(cli, api, unique_name):
+    name = f"reg-{unique_name}"
+
+    result = cli("devices", "register", name, "--group", f"g1-{unique_name}", "--group", f"g2-{unique_name}",
+                 "--tag", "edge")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Registered device {name}. Its token follows; the API shows it only this once:"
+    token = lines[1]
+    assert len(token) >= 40
+    assert result.stdout.count(token) == 1
+    stored = api.read_device(name)
+    assert stored["groups"] == [f"g1-{unique_name}", f"g2-{unique_name}"]
+    assert stored["tags"] == ["edge"]
+
+
+def test_devices_register_json_gives_id_and_token(cli, unique_name):
+    name = f"regjson-{unique_name}"
+
+    result = cli("devices", "register", name, "--json")
+
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["id"] == name
+    assert body["token"]
+
+
+def test_devices_list_and_show(cli, api, unique_name):
+    name = f"list-{unique_name}"
+    api.register_device(name, groups=[f"lab-{unique_name}"], tags=["rack-1"])
+
+    listed = cli("devices", "list")
+    listed_json = cli("devices", "list", "--json")
+    shown = cli("devices", "show", name)
+
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(name + " "))
+    assert f"lab-{unique_name}" in row
+    assert "rack-1" in row
+    assert "never" in row
+    assert name in [device["id"] for device in json.loads(listed_json.stdout)]
+    assert shown.exit_code == 0, shown.output
+    assert f"lab-{unique_name}" in shown.stdout
+    assert "rack-1" in shown.stdout
+
+
+def test_devices_remove_then_show_is_not_found(cli, api, unique_name):
+    name = f"gone-{unique_name}"
+    api.register_device(name, groups=[])
+
+    removed = cli("devices", "remove", name)
+    shown = cli("devices", "show", name)
+
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout.strip() == f"Removed device {name}."
+    assert shown.exit_code == 1
+    assert shown.stdout == ""
+    assert shown.stderr.strip() == f"Error: GET /devices/{name} failed with HTTP 404: Device '{name}' not found."
+
+
+def test_devices_register_taken_name_is_one_sentence_error(cli, api, unique_name):
+    name = f"twice-{unique_name}"
+    api.register_device(name, groups=[])
+
+    result = cli("devices", "register", name)
+
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"A device named '{name}' already exists" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_devices_register_invalid_name_names_the_field(cli):
+    result = cli("devices", "register", "Not_Valid")
+
+    assert result.exit_code == 1
+    assert "HTTP 422: name: 'Not_Valid' is not a valid name" in result.stderr
