@@ -159,7 +159,7 @@ class DeviceJobs:
             return recipe, deployment_store.effective_timeouts(deployment, recipe)
 
     async def report_progress(self, device_id: str, job_id: int, wait_seconds: int) -> ProgressResponse:
-        """Heartbeat the stage, then hold the request up to `wait_seconds`, answering at once on abort."""
+        """Heartbeat the stage, then hold the request up to `wait_seconds`, responding at once on abort."""
 
         row = await asyncio.to_thread(self._load_job, device_id, job_id)
         if row.state != "running":
@@ -233,6 +233,6 @@ class DeviceJobs:
 
 
 def progress_wait_seconds(timeouts: DeviceTimeouts) -> int:
-    """How long a progress report waits: a third of the heartbeat timeout, so two can be lost in a row."""
+    """Return how long a progress report waits: a third of the heartbeat timeout, so two can be lost in a row."""
 
     return max(1, min(MAX_PROGRESS_WAIT_SECONDS, timeouts.heartbeat_timeout_seconds // 3))

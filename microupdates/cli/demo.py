@@ -34,8 +34,8 @@ def run_demo(
     """Run the demo and return True when it went as expected.
 
     Expected: every device succeeds with the first recipe and its service
-    answers; then, when a broken recipe is given, every device rolls back and
-    its service answers with the first recipe's version again.
+    responds; then, when a broken recipe is given, every device rolls back and
+    its service responds with the first recipe's version again.
     """
 
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -125,7 +125,7 @@ def print_result_table(console: Console, api: OperatorApiClient, detail: dict) -
 
 
 def check_services(console: Console, ports: dict[str, int], expected_version: str) -> bool:
-    """Return True when every device's service answers with the expected version."""
+    """Return True when every device's service responds with the expected version."""
 
     all_ok = True
     for name, port in ports.items():
@@ -133,10 +133,10 @@ def check_services(console: Console, ports: dict[str, int], expected_version: st
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
                 version = json.load(response)["version"]
         except OSError as error:
-            console.print(f"{name}: hello-service does not answer on port {port}: {error}")
+            console.print(f"{name}: hello-service does not respond on port {port}: {error}")
             all_ok = False
             continue
-        console.print(f"{name}: hello-service answers on port {port} with version {version}")
+        console.print(f"{name}: hello-service responds on port {port} with version {version}")
         all_ok = all_ok and version == expected_version
     return all_ok
 

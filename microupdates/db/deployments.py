@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -216,7 +214,7 @@ def is_abort_requested(session: Session, deployment_id: str, device_id: str) -> 
 
 
 def effective_timeouts(deployment: Deployment, recipe: Recipe) -> DeviceTimeouts:
-    """The deployment's own timeouts when it set them, else the recipe's."""
+    """Return the deployment's own timeouts when it set them, else the recipe's."""
 
     if deployment.timeouts:
         return DeviceTimeouts.model_validate(deployment.timeouts)
@@ -287,12 +285,3 @@ def load_deployment_device(session: Session, deployment_id: str, device_id: str)
     if row is None:
         raise NotFoundError(f"Device {device_id!r} is not part of deployment {deployment_id!r}.")
     return row
-
-
-def timestamp(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def recipe_summary(recipe: dict[str, Any]) -> str:
-    parts = [name for name in ("before", "files", "dependencies", "after") if recipe.get(name)]
-    return ", ".join(parts)

@@ -267,7 +267,7 @@ class OutputTail:
 
 
 class ProgressReporter:
-    """Posts progress while a stage runs, and sets the abort event when the server asks for it."""
+    """Posts progress while a stage runs, and sets the abort event when the server requests it."""
 
     def __init__(self, client: DeviceApiClient, job: StageJob, abort_event: threading.Event, tail: OutputTail) -> None:
         self.client = client
@@ -312,7 +312,7 @@ def prune_change_logs(state_dir: Path, keep_deployment: str) -> None:
     """Delete the rollback records of all but the newest deployments.
 
     A deployment's records must outlive its last stage, because the server may
-    still ask for a revert after a lost device returns; the newest
+    still request a revert after a lost device returns. The newest
     KEPT_CHANGE_LOGS deployments keep theirs.
     """
 

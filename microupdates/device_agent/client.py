@@ -29,7 +29,7 @@ DOWNLOAD_CHUNK_BYTES = 256 * 1024
 
 
 class DeviceApiError(Exception):
-    """Raised when the API cannot be reached or answers with an unexpected status."""
+    """Raised when the API cannot be reached or responds with an unexpected status."""
 
     def __init__(self, message: str, status_code: Optional[int] = None) -> None:
         super().__init__(message)
@@ -37,11 +37,11 @@ class DeviceApiError(Exception):
 
 
 class CredentialsRejectedError(DeviceApiError):
-    """Raised when the API answers 401: the device token is unknown or revoked."""
+    """Raised when the API responds with 401: the device token is unknown or revoked."""
 
 
 class JobGoneError(DeviceApiError):
-    """Raised when the API answers 404 or 409 for a job: it ended on the server, so retrying is useless."""
+    """Raised when the API responds with 404 or 409 for a job: it ended on the server, so retrying is useless."""
 
 
 class DeviceApiClient:

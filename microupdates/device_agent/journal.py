@@ -32,7 +32,7 @@ class Journal:
             return None
 
     def record_started(self, job: StageJob, boot_id: str) -> None:
-        """Record a stage about to run; `boot_id` tells after a restart whether its processes can still exist."""
+        """Record a stage about to run; `boot_id` shows after a restart whether its processes can still exist."""
 
         self._write({"job": job.model_dump(mode="json"), "state": "running", "process_groups": [], "boot_id": boot_id})
 

@@ -62,7 +62,7 @@ def device_workflow_id(deployment_id: str, device_id: str) -> str:
 
 @dataclass
 class DeploymentPlan:
-    """What the deployment workflow needs to know about the update, loaded once."""
+    """The update's settings that the deployment workflow needs, loaded once."""
 
     update_id: str
     update_version: str

@@ -140,7 +140,7 @@ def read_deployment(
 
 @router.get("/deployments/{deployment_id}/devices/{device_id}", response_model=DeviceResultPublic)
 def read_device_result(deployment_id: str, device_id: str, state: State) -> DeviceResultPublic:
-    """One device's result: each stage's status, exit code, duration and bounded output."""
+    """Return one device's result: each stage's status, exit code, duration and bounded output."""
 
     with state.database.session() as session:
         row = deployment_store.load_deployment_device(session, deployment_id, device_id)
