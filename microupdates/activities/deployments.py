@@ -76,6 +76,7 @@ class DeploymentActivities:
                 recipe.rollback.command_timeout_seconds if recipe.rollback.command else None
             ),
             reboot=recipe.rollback.reboot,
+            target_groups=list(deployment.targets.get("groups", [])),
         )
 
     @activity.defn(name=LIST_DEPLOYMENT_DEVICES_ACTIVITY)

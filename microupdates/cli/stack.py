@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from microupdates.search_attributes import dev_server_arguments
+
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 90.0
@@ -114,6 +116,7 @@ class Stack:
             "--sqlite-pragma", "journal_mode=wal",
             "--sqlite-pragma", "synchronous=normal",
             "--log-level", "warn",
+            *dev_server_arguments(),
         ]
         self._start_process("temporal", command)
         self._wait_for_port(self.ports.temporal, "temporal")

@@ -13,6 +13,7 @@ from microupdates.activities.deployments import DeploymentActivities
 from microupdates.activities.stages import StageActivities
 from microupdates.db.session import Database
 from microupdates.logs import configure_logging
+from microupdates.search_attributes import ensure_search_attributes
 from microupdates.settings import ServerSettings
 from microupdates.temporal_client import connect_temporal
 from microupdates.workflows.deployment import DeploymentWorkflow
@@ -47,6 +48,7 @@ async def run_worker(settings: ServerSettings) -> None:
     database = Database(settings.resolved_database_url())
     database.create_schema()
     client = await connect_temporal(settings)
+    await ensure_search_attributes(client)
     worker = build_worker(client, database, settings.task_queue)
 
     stop = asyncio.Event()

@@ -75,6 +75,7 @@ class DeploymentPlan:
     revert_packages: bool = True
     rollback_command_timeout_seconds: int | None = None
     reboot: bool = False
+    target_groups: list[str] = field(default_factory=list)
 
 
 @dataclass

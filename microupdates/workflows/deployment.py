@@ -13,11 +13,12 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ChildWorkflowError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    from microupdates import search_attributes
     from microupdates.workflows.contracts import (
         ABORT_SIGNAL,
         DEPLOYMENT_WORKFLOW,
@@ -102,6 +103,7 @@ class DeploymentWorkflow:
         workflow.logger.info(
             "Deployment %s finished %s: %s", deployment.deployment_id, finished.status, finished.outcome_counts
         )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(finished.status)])
         if self._cancelled:
             raise asyncio.CancelledError()
         return DeploymentResult(deployment.deployment_id, finished.status, finished.outcome_counts)
@@ -190,6 +192,13 @@ class DeploymentWorkflow:
             # Reached only when this workflow is terminated: a cancel is handled as an abort first.
             parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
             static_summary=f"update {plan.update_version} on device {device_id}",
+            search_attributes=TypedSearchAttributes([
+                SearchAttributePair(search_attributes.DEPLOYMENT_ID, deployment_id),
+                SearchAttributePair(search_attributes.DEVICE_ID, device_id),
+                SearchAttributePair(search_attributes.UPDATE_VERSION, plan.update_version),
+                SearchAttributePair(search_attributes.TARGET_GROUPS, plan.target_groups),
+                SearchAttributePair(search_attributes.STATUS, "in_progress"),
+            ]),
             static_details=f"deployment {deployment_id}, stages: {', '.join(plan.stages)}",
         )
         self._running += 1

@@ -17,6 +17,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
+    from microupdates import search_attributes
     from microupdates.protocol.device_api import (
         REBOOT_STAGE,
         REVERT_FILES_STAGE,
@@ -88,6 +89,7 @@ class DeviceUpdateWorkflow:
             start_to_close_timeout=RECORD_TIMEOUT,
             retry_policy=RECORD_RETRY,
         )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(result.status)])
         if self._cancelled:
             # The outcome is recorded and the device rolled back; now the cancel ends the workflow.
             raise asyncio.CancelledError()

@@ -249,3 +249,33 @@ def test_apt_installs_package_as_root(api, fleet, tmp_path, unique_name):
     result = api.read_device_result(detail["id"], f"apt-{unique_name}")
     assert "GNU Hello" in result["stages"][-1]["steps"][0]["output"]
     assert Path("/usr/bin/hello").exists()
+
+
+def test_search_attributes_find_failed_devices(api, stack, fleet, tmp_path, unique_name):
+    group = f"search-{unique_name}"
+    good, bad = f"search-{unique_name}-good", f"search-{unique_name}-bad"
+    register(api, fleet, [good, bad], group)
+    recipe = {
+        "version": "4.5.6",
+        "targets": {"groups": [group]},
+        "before": {"run": f'[ "$(basename "$MICROUPDATES_DEVICE_ROOT")" != "{bad}" ]'},
+        "rollback": {"revert_files": False, "revert_packages": False},
+    }
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+    deployment_id = api.deploy(update["id"])["id"]
+    wait_for_deployment(api, deployment_id)
+
+    query = f'MicroupdatesDeploymentId = "{deployment_id}" AND MicroupdatesStatus = "failed"'
+    command = [str(Path(sys.executable).parent / "temporal"), "workflow", "list", "--address",
+               stack.temporal_address, "--query", query, "--output", "json"]
+    deadline = time.monotonic() + 20
+    while True:
+        listed = subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert listed.returncode == 0, listed.stderr
+        ids = sorted(item["execution"]["workflowId"] for item in json.loads(listed.stdout or "[]"))
+        if ids or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    # The deployment itself ended failed too, because one of its devices failed.
+    assert ids == [f"deployment-{deployment_id}", f"deployment-{deployment_id}-device-{bad}"]

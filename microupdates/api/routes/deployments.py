@@ -7,7 +7,10 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
+
+from microupdates import search_attributes
 
 from microupdates.api.deps import State
 from microupdates.api.schemas import (
@@ -42,14 +45,14 @@ MAX_DEVICES_PER_PAGE = 1000
 async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentCreated:
     """Start a deployment and return at once; it runs as a Temporal workflow."""
 
-    def insert() -> str:
+    def insert() -> tuple[str, str, TargetSelection]:
         with state.database.session() as session:
-            targets = body.targets
-            if targets is None:
-                targets = deployment_store.load_recipe(session, body.update_id).targets
-            return deployment_store.create_deployment(session, body.update_id, targets, body.timeouts).id
+            recipe = deployment_store.load_recipe(session, body.update_id)
+            targets = body.targets or recipe.targets
+            deployment = deployment_store.create_deployment(session, body.update_id, targets, body.timeouts)
+            return deployment.id, recipe.version, targets
 
-    deployment_id = await asyncio.to_thread(insert)
+    deployment_id, version, targets = await asyncio.to_thread(insert)
     workflow_id = deployment_workflow_id(deployment_id)
     try:
         await state.temporal.start_workflow(
@@ -57,7 +60,13 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
             DeploymentInput(deployment_id=deployment_id),
             id=workflow_id,
             task_queue=state.settings.task_queue,
-            static_summary=f"deployment {deployment_id} of update {body.update_id}",
+            static_summary=f"deployment {deployment_id} of update {body.update_id} (version {version})",
+            search_attributes=TypedSearchAttributes([
+                SearchAttributePair(search_attributes.DEPLOYMENT_ID, deployment_id),
+                SearchAttributePair(search_attributes.UPDATE_VERSION, version),
+                SearchAttributePair(search_attributes.TARGET_GROUPS, targets.groups),
+                SearchAttributePair(search_attributes.STATUS, "in_progress"),
+            ]),
         )
     except RPCError as error:
         message = f"Temporal did not accept deployment {deployment_id}: {error}. Check that the Temporal server runs."
