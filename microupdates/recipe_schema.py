@@ -1,7 +1,7 @@
 """The JSON Schema of a recipe file, generated from the Recipe model.
 
-`microupdates updates schema` prints it, and docs/recipe.schema.json holds a
-copy for editors (for example the YAML language server's `$schema` comment).
+`microupdates updates schema` prints it, and docs/recipe.schema.json contains
+a copy for editors (for example the YAML language server's `$schema` comment).
 The schema describes the YAML as the operator writes it. It cannot express
 every check of the model, such as normalised paths or unique package names,
 so `microupdates updates validate` remains the full check.

@@ -24,9 +24,9 @@ MAX_ERROR_BODY_CHARS = 500
 
 
 class OperatorApiError(Exception):
-    """Raised when the API answers with an error; the message contains the API's own sentence.
+    """Raised when the API returns an error status; the message contains the API's own sentence.
 
-    `status_code` is the HTTP status, or None when no answer arrived.
+    `status_code` is the HTTP status, or None when no response arrived.
     """
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
@@ -35,7 +35,7 @@ class OperatorApiError(Exception):
 
 
 class OperatorApiConnectionError(OperatorApiError):
-    """Raised when the API cannot be reached or does not answer in time."""
+    """Raised when the API cannot be reached or does not respond in time."""
 
     def __init__(self, server_url: str, reason: str) -> None:
         super().__init__(f"Cannot reach the API at {server_url}: {reason}")
@@ -145,7 +145,7 @@ class OperatorApiClient:
     def read_deployment_with_all_devices(self, deployment_id: str) -> dict[str, Any]:
         """Return a deployment with every device, reading further pages while a page comes back full.
 
-        The summary fields (status, counts) are those of the first page's answer.
+        The summary fields (status, counts) are those of the first page's response.
         """
 
         detail = self.read_deployment(deployment_id, limit=DEPLOYMENT_DEVICE_PAGE_SIZE)
@@ -165,12 +165,12 @@ class OperatorApiClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as error:
             raise OperatorApiConnectionError(
-                self.server_url, f"no answer within {REQUEST_TIMEOUT_SECONDS:.0f} s ({type(error).__name__})"
+                self.server_url, f"no response within {REQUEST_TIMEOUT_SECONDS:.0f} s ({type(error).__name__})"
             ) from error
         except httpx.HTTPError as error:
             raise OperatorApiConnectionError(self.server_url, str(error) or type(error).__name__) from error
 
-        logger.debug("%s %s answered HTTP %d", method, path, response.status_code)
+        logger.debug("%s %s returned HTTP %d", method, path, response.status_code)
         if response.status_code >= 400:
             detail = describe_error_body(response)
             raise OperatorApiError(

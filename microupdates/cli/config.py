@@ -1,4 +1,4 @@
-"""Where the CLI finds the API: the server address and the API key, with the source of each.
+"""Server address and API key for the CLI, each with the source it came from.
 
 The address comes from the first of: the `--server` option, the
 `MICROUPDATES_SERVER` environment variable, the `server` key of the config
@@ -29,7 +29,7 @@ CONFIG_KEYS = ("server", "api_key")
 
 
 class ConfigError(Exception):
-    """Raised when the config file or a server address cannot be used; the message says which and why."""
+    """Raised when the config file or a server address cannot be used; the message names it and the reason."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ConnectionSettings:
     server_source: str
     api_key: str | None
     api_key_source: str | None
-    # Set when the config file holds an API key and other users may read it.
+    # Set when the config file contains an API key and other users may read it.
     warning: str | None = None
 
 
@@ -101,7 +101,7 @@ def describe_readable_key(path: Path) -> str | None:
     except OSError:
         return None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"The config file {path} holds an API key and other users may read it; run `chmod 600 {path}`."
+        return f"The config file {path} contains an API key and other users may read it; run `chmod 600 {path}`."
     return None
 
 

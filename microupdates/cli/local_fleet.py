@@ -45,7 +45,7 @@ class LocalFleet:
         command = [
             sys.executable, "-m", "microupdates.device_agent.main",
             "--server-url", self.server_url,
-            "--device-token", device.token,
+            f"--device-token={device.token}",
             "--device-root", str(device.root),
             "--long-poll-seconds", str(self.long_poll_seconds),
             # A rollback reboot restarts this agent process instead of the host.

@@ -21,6 +21,7 @@ from microupdates.cli.commands.deploy import deploy
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError
 
+# Tracebacks of unexpected errors leave out local variables, which may include the API key.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
 

@@ -7,6 +7,7 @@ invocations, and a console's width and colour depend on where it writes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -15,10 +16,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-EXIT_OK = 0
 EXIT_ERROR = 1
 
-# Rich wraps at 80 columns when it cannot ask a terminal; wider tables read better in logs.
+# Rich wraps at 80 columns when it cannot ask a terminal and COLUMNS is unset; wider tables read better in logs.
 PIPE_WIDTH = 160
 
 STATUS_STYLES = {
@@ -42,9 +42,10 @@ def make_console(plain: bool = False) -> Console:
     """Return a console on stdout; `plain` turns off colour and highlighting, as does a pipe."""
 
     terminal = stdout_is_terminal()
-    if plain or not terminal:
-        return Console(color_system=None, highlight=False, width=None if terminal else PIPE_WIDTH)
-    return Console(highlight=False)
+    if terminal and not plain:
+        return Console(highlight=False)
+    width = None if terminal or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(color_system=None, highlight=False, width=width)
 
 
 def make_error_console() -> Console:
@@ -69,7 +70,7 @@ def fail(message: str, exit_code: int = EXIT_ERROR) -> NoReturn:
 def echo_json(value: Any) -> None:
     """Write one JSON document on one line of stdout."""
 
-    typer.echo(json.dumps(value, default=str, sort_keys=False))
+    typer.echo(json.dumps(value, default=str))
 
 
 def echo_json_document(value: Any) -> None:

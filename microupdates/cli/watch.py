@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_SECONDS = 0.5
 
-# Connection errors and HTTP 5xx answers are retried for this long in a row,
-# so a restarting API does not end a long watch; 4xx answers end it at once.
+# Connection errors and HTTP 5xx responses are retried for this long in a row,
+# so a restarting API does not end a long watch. A 4xx response ends it at once.
 TRANSIENT_ERROR_GRACE_SECONDS = 15.0
 
 EXIT_ALL_SUCCEEDED = 0

@@ -21,7 +21,9 @@ def hash_secret(secret: str) -> str:
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+    # The prefix keeps a token from starting with "-", which command lines would read as an option,
+    # and lets secret scanners recognise it.
+    return "mu_" + secrets.token_urlsafe(32)
 
 
 @dataclass

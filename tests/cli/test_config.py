@@ -61,7 +61,7 @@ def test_server_env_wins_over_config_file(config_home, three_addresses):
     assert result.stderr.startswith(f"Error: Cannot reach the API at {env} (set by MICROUPDATES_SERVER): ")
 
 
-def test_config_file_server_is_used_without_flag_or_env(config_home, three_addresses):
+def test_config_file_server_used_last(config_home, three_addresses):
     _, _, file = three_addresses
     path = write_config(config_home, f"server: {file}\n")
 
@@ -118,7 +118,7 @@ def test_default_server_when_nothing_is_set(tmp_path):
 
 
 class HeaderRecorder(BaseHTTPRequestHandler):
-    """Answer every GET with an empty JSON list and keep each request's Authorization header."""
+    """Respond to every GET with an empty JSON list and record each request's Authorization header."""
 
     authorizations: list[str | None] = []
 
@@ -160,7 +160,7 @@ def test_api_key_env_is_sent_as_bearer_token(config_home, recording_server):
     assert authorizations == ["Bearer from-env"]
 
 
-def test_api_key_from_config_file_is_sent_and_readable_file_warned(config_home, recording_server):
+def test_config_file_api_key_sent_and_warned(config_home, recording_server):
     url, authorizations = recording_server
     path = write_config(config_home, f"server: {url}\napi_key: from-file\n")
     path.chmod(0o644)
@@ -169,7 +169,7 @@ def test_api_key_from_config_file_is_sent_and_readable_file_warned(config_home, 
 
     assert result.exit_code == 0, result.output
     assert authorizations == ["Bearer from-file"]
-    assert f"holds an API key and other users may read it; run `chmod 600 {path}`" in result.stderr
+    assert f"contains an API key and other users may read it; run `chmod 600 {path}`" in result.stderr
 
 
 def test_no_api_key_sends_no_authorization(config_home, recording_server):

@@ -103,7 +103,7 @@ def test_deploy_wait_json_prints_one_object_per_line(cli, api, fleet, tmp_path, 
     assert deployment_statuses[-1] == "succeeded"
 
 
-def test_deploy_wait_in_pipe_prints_one_line_per_status_change(api, fleet, stack, tmp_path, config_home,
+def test_deploy_wait_pipe_one_line_per_change(api, fleet, stack, tmp_path, config_home,
                                                                unique_name):
     group = f"pipe-{unique_name}"
     names = [f"pipe-{unique_name}-a", f"pipe-{unique_name}-b"]

@@ -279,3 +279,10 @@ def test_search_attributes_find_failed_devices(api, stack, fleet, tmp_path, uniq
 
     # The deployment itself ended failed too, because one of its devices failed.
     assert ids == [f"deployment-{deployment_id}", f"deployment-{deployment_id}-device-{bad}"]
+
+
+def test_device_tokens_never_look_like_options(api, unique_name):
+    tokens = [api.register_device(f"token-{unique_name}-{index}", groups=["tokens"])["token"] for index in range(40)]
+
+    assert all(token.startswith("mu_") for token in tokens)
+    assert len(set(tokens)) == len(tokens)

@@ -116,13 +116,15 @@ def show_device_result(
 def print_step_outputs(console: Console, result: dict[str, Any]) -> None:
     for stage in result["stages"]:
         for step in stage["steps"]:
-            header = f"--- {stage['stage']}: {step.get('name', 'step')}"
+            name = step.get("name") or "step"
+            title = stage["stage"] if name == stage["stage"] else f"{stage['stage']}, step {name}"
+            details = []
             if step.get("exit_code") is not None:
-                header += f", exit code {step['exit_code']}"
-            header += f", {format_seconds(step.get('duration_seconds'))} s"
+                details.append(f"exit code {step['exit_code']}")
+            details.append(f"{format_seconds(step.get('duration_seconds'))} s")
             if step.get("output_truncated"):
-                header += ", output truncated"
-            console.print(Text(header, style="bold"), soft_wrap=True)
+                details.append("output truncated")
+            console.print(Text(f"--- {title}: {', '.join(details)}", style="bold"), soft_wrap=True)
             if step.get("error"):
                 console.print(Text(step["error"], style="red"), soft_wrap=True)
             text = step.get("output") or ""

@@ -74,7 +74,8 @@ def register_device(
     console.print(f"Registered device {created['id']}. Its token follows; the API shows it only this once:")
     typer.echo(created["token"])
     console.print(
-        f"Start the device's agent with: microupdates-agent --server-url {api.server_url} --device-token TOKEN",
+        # With `=`, a token that starts with '-' is not read as another option.
+        f"Start the device's agent with: microupdates-agent --server-url {api.server_url} --device-token=TOKEN",
         soft_wrap=True,
         style="dim",
     )

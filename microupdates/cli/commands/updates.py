@@ -87,6 +87,6 @@ def show_update(update: str, server: ServerOption = None, as_json: JsonOption = 
 
 @app.command("schema")
 def print_schema() -> None:
-    """Print the JSON Schema of a recipe, for editors and other tools; docs/recipe.schema.json holds a copy."""
+    """Print the JSON Schema of a recipe, for editors and other tools; docs/recipe.schema.json contains a copy."""
 
     typer.echo(render_recipe_schema(), nl=False)
