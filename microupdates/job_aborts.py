@@ -42,7 +42,8 @@ async def fail_job_aborted(database: Database, handle: AsyncActivityHandle, row:
             raise
     await asyncio.to_thread(_expire, database, row.id)
     logger.info("Job %d (%s of deployment %s) on device %s ended by abort", row.id, row.stage,
-                row.deployment_id, row.device_id)
+                row.deployment_id, row.device_id,
+                extra={"deployment_id": row.deployment_id, "device_id": row.device_id, "job_id": row.id})
 
 
 async def end_queued_jobs(database: Database, client: Client, deployment_id: str, device_id: str | None) -> int:

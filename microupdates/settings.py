@@ -30,6 +30,17 @@ class ServerSettings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     temporal_connect_timeout_seconds: float = 60.0
+    # Where the worker serves the Temporal SDK's Prometheus metrics; empty turns them off.
+    worker_metrics_address: str = "127.0.0.1:9464"
+    # "text" for people, "json" for log collectors (one object per line, ids as fields).
+    log_format: str = "text"
+
+    @field_validator("log_format")
+    @classmethod
+    def check_log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError(f"unsupported log format {value!r}: use 'text' or 'json'")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -7,6 +7,7 @@ import logging
 import time
 
 from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError
 
 from microupdates.settings import ServerSettings
@@ -20,11 +21,13 @@ class TemporalUnavailableError(RuntimeError):
     """Raised when the Temporal server cannot be reached within the connect timeout."""
 
 
-async def connect_temporal(settings: ServerSettings) -> Client:
+async def connect_temporal(settings: ServerSettings, runtime: Runtime | None = None) -> Client:
     deadline = time.monotonic() + settings.temporal_connect_timeout_seconds
     while True:
         try:
-            return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+            return await Client.connect(
+                settings.temporal_address, namespace=settings.temporal_namespace, runtime=runtime
+            )
         except (RPCError, RuntimeError, OSError) as error:
             if time.monotonic() > deadline:
                 raise TemporalUnavailableError(
@@ -34,3 +37,11 @@ async def connect_temporal(settings: ServerSettings) -> Client:
                 ) from error
             logger.info("Temporal at %s not reachable yet (%s); retrying", settings.temporal_address, error)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
+
+
+def metrics_runtime(bind_address: str) -> Runtime | None:
+    """Return a Temporal runtime that serves the SDK's metrics for Prometheus at `bind_address`, or None."""
+
+    if not bind_address:
+        return None
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))

@@ -12,6 +12,7 @@ from microupdates import __version__
 from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.metrics import ApiMetrics
 from microupdates.api.routes import deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
@@ -26,6 +27,8 @@ OPERATOR_API_PREFIX = "/api/v1"
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
+    metrics = ApiMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         database = Database(settings.resolved_database_url())
@@ -33,6 +36,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         temporal = await connect_temporal(settings)
         notifier = JobNotifier(database)
         await notifier.start()
+        metrics.watch_long_polls(notifier)
         app.state.api = ApiState(
             settings=settings,
             database=database,
@@ -40,6 +44,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             notifier=notifier,
             device_jobs=DeviceJobs(database, temporal, notifier),
             artifacts=ArtifactStore(settings.resolved_artifact_dir()),
+            metrics=metrics,
         )
         logger.info("API ready; Temporal at %s, task queue %s", settings.temporal_address, settings.task_queue)
         yield
@@ -57,6 +62,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(deployments.router, prefix=OPERATOR_API_PREFIX)
     app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
     register_error_handlers(app)
+    metrics.install(app)
 
     @app.get("/healthz", tags=["health"])
     def read_health() -> dict[str, str]:

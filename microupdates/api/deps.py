@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.metrics import ApiMetrics
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db import devices as device_store
 from microupdates.db.models import Device
@@ -26,6 +27,7 @@ class ApiState:
     notifier: JobNotifier
     device_jobs: DeviceJobs
     artifacts: ArtifactStore
+    metrics: ApiMetrics
 
 
 def get_state(request: Request) -> ApiState:

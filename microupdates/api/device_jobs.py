@@ -87,7 +87,7 @@ class DeviceJobs:
                 self._write, deployment_store.mark_device_stage, row.deployment_id, device_id, row.stage
             )
             logger.info("Job %d (%s of deployment %s) handed to device %s", row.id, row.stage, row.deployment_id,
-                        device_id)
+                        device_id, extra=log_fields(row))
             return await asyncio.to_thread(self._build_job, row)
 
     def _claim_next_row(self, device_id: str) -> StageJobRow | None:
@@ -218,7 +218,7 @@ class DeviceJobs:
         handle = self.client.get_async_activity_handle(task_token=row.task_token)
         await self._complete(handle, row, outcome)
         logger.info("Job %d (%s of deployment %s) on device %s reported %s", row.id, row.stage,
-                    row.deployment_id, device_id, report.status)
+                    row.deployment_id, device_id, report.status, extra=log_fields(row))
         return "recorded" if first_report else "already recorded"
 
     def _store_report(self, job_id: int, report: StageReport) -> bool:
@@ -236,3 +236,9 @@ def progress_wait_seconds(timeouts: DeviceTimeouts) -> int:
     """Return how long a progress report waits: a third of the heartbeat timeout, so two can be lost in a row."""
 
     return max(1, min(MAX_PROGRESS_WAIT_SECONDS, timeouts.heartbeat_timeout_seconds // 3))
+
+
+def log_fields(row: StageJobRow) -> dict[str, object]:
+    """Return the ids of a job as `extra` fields, which JSON logs show as their own keys."""
+
+    return {"deployment_id": row.deployment_id, "device_id": row.device_id, "job_id": row.id, "stage": row.stage}

@@ -10,8 +10,8 @@ from microupdates.settings import ServerSettings
 
 
 def main() -> None:
-    configure_logging()
     settings = ServerSettings()
+    configure_logging(settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,

@@ -55,10 +55,11 @@ class StackPorts:
     temporal: int = 7233
     temporal_ui: int = 8233
     api: int = 8080
+    worker_metrics: int = 9464
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(temporal=free_port(), temporal_ui=free_port(), api=free_port())
+        return cls(temporal=free_port(), temporal_ui=free_port(), api=free_port(), worker_metrics=free_port())
 
 
 @dataclass
@@ -78,6 +79,10 @@ class Stack:
         return f"127.0.0.1:{self.ports.temporal}"
 
     @property
+    def worker_metrics_address(self) -> str:
+        return f"127.0.0.1:{self.ports.worker_metrics}"
+
+    @property
     def temporal_ui_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.temporal_ui}"
 
@@ -87,6 +92,7 @@ class Stack:
             MICROUPDATES_DATA_DIR=str(self.data_dir),
             MICROUPDATES_TEMPORAL_ADDRESS=self.temporal_address,
             MICROUPDATES_API_PORT=str(self.ports.api),
+            MICROUPDATES_WORKER_METRICS_ADDRESS=self.worker_metrics_address,
         )
         if self.database_url:
             env["MICROUPDATES_DATABASE_URL"] = self.database_url
@@ -192,12 +198,15 @@ def main() -> None:
     parser.add_argument("--api-port", type=int, default=8080, help="port of the microupdates API")
     parser.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server")
     parser.add_argument("--temporal-ui-port", type=int, default=8233, help="port of the Temporal Web UI")
+    parser.add_argument("--worker-metrics-port", type=int, default=9464,
+                        help="port of the worker's Prometheus metrics (Temporal SDK metrics)")
     arguments = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
 
     stack = Stack(
         data_dir=arguments.data_dir.resolve(),
-        ports=StackPorts(arguments.temporal_port, arguments.temporal_ui_port, arguments.api_port),
+        ports=StackPorts(arguments.temporal_port, arguments.temporal_ui_port, arguments.api_port,
+                         arguments.worker_metrics_port),
     )
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -206,6 +215,7 @@ def main() -> None:
         print(f"microupdates API:  {stack.api_url} (OpenAPI page: {stack.api_url}/docs)")
         print(f"Temporal Web UI:   {stack.temporal_ui_url}")
         print(f"Temporal address:  {stack.temporal_address}")
+        print(f"Metrics:           {stack.api_url}/metrics (API), http://{stack.worker_metrics_address}/metrics (worker)")
         print(f"Logs and data:     {stack.data_dir}")
         print("Press Ctrl-C to stop.")
         while not stopping:

@@ -15,7 +15,7 @@ from microupdates.db.session import Database
 from microupdates.logs import configure_logging
 from microupdates.search_attributes import ensure_search_attributes
 from microupdates.settings import ServerSettings
-from microupdates.temporal_client import connect_temporal
+from microupdates.temporal_client import connect_temporal, metrics_runtime
 from microupdates.workflows.deployment import DeploymentWorkflow
 from microupdates.workflows.device_update import DeviceUpdateWorkflow
 
@@ -47,7 +47,7 @@ def build_worker(client, database: Database, task_queue: str) -> Worker:
 async def run_worker(settings: ServerSettings) -> None:
     database = Database(settings.resolved_database_url())
     database.create_schema()
-    client = await connect_temporal(settings)
+    client = await connect_temporal(settings, metrics_runtime(settings.worker_metrics_address))
     await ensure_search_attributes(client)
     worker = build_worker(client, database, settings.task_queue)
 
@@ -56,7 +56,8 @@ async def run_worker(settings: ServerSettings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    logger.info("Worker started on task queue %s at %s", settings.task_queue, settings.temporal_address)
+    logger.info("Worker started on task queue %s at %s; metrics at %s", settings.task_queue,
+                settings.temporal_address, settings.worker_metrics_address or "(off)")
     async with worker:
         await stop.wait()
         logger.info("Worker stopping")
@@ -64,8 +65,9 @@ async def run_worker(settings: ServerSettings) -> None:
 
 
 def main() -> None:
-    configure_logging()
-    asyncio.run(run_worker(ServerSettings()))
+    settings = ServerSettings()
+    configure_logging(settings.log_format)
+    asyncio.run(run_worker(settings))
 
 
 if __name__ == "__main__":

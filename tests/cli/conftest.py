@@ -13,7 +13,6 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from microupdates.cli.main import app
-from tests.e2e.conftest import api, fleet, stack, unique_name  # noqa: F401
 
 CLI_SUBPROCESS_TIMEOUT_SECONDS = 120
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from tests.cli.conftest import CLI_SUBPROCESS_TIMEOUT_SECONDS, register_devices, run_cli_process
-from tests.e2e.conftest import write_recipe
+from tests.stack_helpers import write_recipe
 
 # `<time> <device> <old status> -> <new status> [stage] [(error)]`
 EVENT_LINE = re.compile(r"^(\S+) (\S+) (\S+) -> (\S+)(?: ([a-z_]+))?(?: \((.*)\))?$")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests.cli.conftest import register_devices
-from tests.e2e.conftest import wait_for_deployment, write_recipe
+from tests.stack_helpers import wait_for_deployment, write_recipe
 
 MARKER_WAIT_SECONDS = 60
 

@@ -7,7 +7,7 @@ import yaml
 
 from microupdates.recipe_schema import render_recipe_schema
 from tests.cli.conftest import invoke, isolated_environment
-from tests.e2e.conftest import write_recipe
+from tests.stack_helpers import write_recipe
 
 INVALID_RECIPE = """\
 version: "1.0.0"

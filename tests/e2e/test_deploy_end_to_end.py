@@ -21,7 +21,7 @@ import pytest
 from microupdates.cli.api_client import OperatorApiError
 from microupdates.device_agent.client import DeviceApiClient
 from microupdates.protocol.device_api import StageReport
-from tests.e2e.conftest import wait_for_deployment, write_recipe
+from tests.stack_helpers import wait_for_deployment, write_recipe
 
 requires_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed on this machine")
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import wait_for_deployment, write_recipe
+from tests.stack_helpers import wait_for_deployment, write_recipe
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (dpkg lock, mount)")
 DPKG_FRONTEND_LOCK = "/var/lib/dpkg/lock-frontend"

@@ -8,7 +8,7 @@ import stat
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import wait_for_deployment, write_recipe
+from tests.stack_helpers import wait_for_deployment, write_recipe
 
 RUNNING_MARKER_WAIT_SECONDS = 60
 

@@ -51,7 +51,9 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
                 device_store.mark_device_seen(session, row, body.agent_version)
 
     await asyncio.to_thread(mark_seen)
-    return await state.device_jobs.check_in(device.id, body.wait_seconds)
+    response = await state.device_jobs.check_in(device.id, body.wait_seconds)
+    state.metrics.check_ins.labels("job" if response.job is not None else "no_job").inc()
+    return response
 
 
 @router.post("/jobs/{job_id}/progress", response_model=ProgressResponse)
