@@ -114,17 +114,20 @@ class DeviceJobs:
         with self.database.session() as session:
             function(session, *args)
 
-    async def _complete(self, handle, row: StageJobRow, outcome: StageOutcome | None) -> None:
-        """Complete the activity; one that is already completed or timed out is left as it is."""
+    async def _complete(self, handle, row: StageJobRow, outcome: StageOutcome | None) -> bool:
+        """Complete the activity; return False when it had already ended (completed before, or timed out)."""
 
+        completed = True
         try:
             await handle.complete(outcome)
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise
             logger.info("Job %d: activity %s of %s had already ended", row.id, row.activity_id, row.workflow_id)
+            completed = False
         if outcome is None:
             await asyncio.to_thread(self._write, job_store.mark_job_reported, row.id, {"status": "succeeded"})
+        return completed
 
     def _build_job(self, row: StageJobRow) -> StageJob:
         recipe, timeouts = self._load_recipe(row.deployment_id)
@@ -216,7 +219,15 @@ class DeviceJobs:
             error=(report.error or "")[:MAX_OUTCOME_ERROR_CHARS] or None,
         )
         handle = self.client.get_async_activity_handle(task_token=row.task_token)
-        await self._complete(handle, row, outcome)
+        completed = await self._complete(handle, row, outcome)
+        if first_report and not completed:
+            # The stage timed out on the server before this report arrived; the
+            # report stays stored for the operator, but the workflow has moved on.
+            await asyncio.to_thread(self._write, job_store.expire_job, row.id)
+            raise ConflictError(
+                f"Job {job_id} had already ended on the server (timed out) when its report arrived; "
+                "the report was stored but not used."
+            )
         logger.info("Job %d (%s of deployment %s) on device %s reported %s", row.id, row.stage,
                     row.deployment_id, device_id, report.status, extra=log_fields(row))
         return "recorded" if first_report else "already recorded"

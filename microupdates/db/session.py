@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from microupdates.db.models import Base
@@ -16,6 +18,8 @@ from microupdates.db.models import Base
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MILLISECONDS = 15_000
+SCHEMA_CREATE_ATTEMPTS = 5
+SCHEMA_CREATE_RETRY_SECONDS = 1.0
 
 
 class Database:
@@ -38,9 +42,24 @@ class Database:
         return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
     def create_schema(self) -> None:
+        """Create missing tables; the API and the worker both call it, possibly at the same moment.
+
+        Two processes creating the same tables on an empty PostgreSQL database
+        race, and the loser gets a duplicate-object error; it tries again and
+        then finds the tables there.
+        """
+
         # NOTE: tables are created when missing; there are no migrations yet,
-        # so a changed table needs a new database file.
-        Base.metadata.create_all(self.engine)
+        # so a changed table needs a new database.
+        for attempt in range(1, SCHEMA_CREATE_ATTEMPTS + 1):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except (IntegrityError, ProgrammingError, OperationalError) as error:
+                if attempt == SCHEMA_CREATE_ATTEMPTS:
+                    raise
+                logger.info("Creating tables raced with another process (%s); retrying", error.__class__.__name__)
+                time.sleep(SCHEMA_CREATE_RETRY_SECONDS)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -286,3 +286,38 @@ def test_device_tokens_never_look_like_options(api, unique_name):
 
     assert all(token.startswith("mu_") for token in tokens)
     assert len(set(tokens)) == len(tokens)
+
+
+def test_report_after_stage_timed_out_is_rejected(api, stack, tmp_path, unique_name):
+    """The test acts as an agent that goes silent past the heartbeat timeout, then reports."""
+
+    name = f"late-{unique_name}"
+    token = api.register_device(name, groups=[f"late-{unique_name}"])["token"]
+    recipe = {"version": "1.0.0", "targets": {"devices": [name]}, "before": {"run": "true"},
+              "rollback": {"revert_files": False, "revert_packages": False}}
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+    deployment = api.deploy(update["id"], timeouts={"heartbeat_timeout_seconds": 10})
+
+    device_api = DeviceApiClient(stack.api_url, token)
+    try:
+        job = None
+        deadline = time.monotonic() + 60
+        while job is None and time.monotonic() < deadline:
+            job = device_api.check_in("test", 10).job
+        assert job is not None
+        detail = wait_for_deployment(api, deployment["id"], timeout=60)
+
+        late = httpx.post(f"{stack.api_url}/device/v1/jobs/{job.job_id}/report",
+                          json=StageReport(status="succeeded", exit_code=0).model_dump(),
+                          headers={"Authorization": f"Bearer {token}"})
+        again = httpx.post(f"{stack.api_url}/device/v1/jobs/{job.job_id}/report",
+                           json=StageReport(status="succeeded", exit_code=0).model_dump(),
+                           headers={"Authorization": f"Bearer {token}"})
+    finally:
+        device_api.close()
+
+    assert detail["devices"][0]["status"] == "failed"
+    assert "stopped reporting during the before stage" in detail["devices"][0]["error"]
+    assert late.status_code == 409
+    assert "had already ended on the server (timed out)" in late.json()["detail"]
+    assert again.status_code == 409

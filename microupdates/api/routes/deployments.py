@@ -69,7 +69,8 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
             ]),
         )
     except RPCError as error:
-        message = f"Temporal did not accept deployment {deployment_id}: {error}. Check that the Temporal server runs."
+        reason = str(error).rstrip(".")
+        message = f"Temporal did not accept deployment {deployment_id}: {reason}. Check that the Temporal server runs."
         logger.error(message)
 
         def mark_failed() -> None:
