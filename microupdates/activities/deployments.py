@@ -10,6 +10,7 @@ from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.session import Database
 from microupdates.job_aborts import end_queued_jobs
+from microupdates.protocol.recipe import CommandStage, PackageGroup, Recipe
 from microupdates.workflows.contracts import (
     FINISH_DEPLOYMENT_ACTIVITY,
     LIST_DEPLOYMENT_DEVICES_ACTIVITY,
@@ -77,6 +78,7 @@ class DeploymentActivities:
             ),
             reboot=recipe.rollback.reboot,
             target_groups=list(deployment.targets.get("groups", [])),
+            stage_descriptions=describe_stages(recipe),
         )
 
     @activity.defn(name=LIST_DEPLOYMENT_DEVICES_ACTIVITY)
@@ -140,3 +142,53 @@ class DeploymentActivities:
             return FinishDeploymentResult(status, counts)
 
         return await asyncio.to_thread(write)
+
+
+MAX_STAGE_DESCRIPTION_CHARS = 300
+
+
+def describe_stages(recipe: Recipe) -> dict[str, str]:
+    """Say in one line what each stage runs.
+
+    Commands are described by size and timeout, never by their text, so
+    nothing a script contains reaches the workflow history.
+    """
+
+    descriptions = {}
+    for stage, command in (("before", recipe.before), ("after", recipe.after)):
+        if command is not None:
+            descriptions[stage] = describe_command(command)
+    if recipe.files:
+        destinations = ", ".join(entry.destination for entry in recipe.files)
+        descriptions["files"] = f"{len(recipe.files)} files or directories: {destinations}"
+    managers = []
+    for name in ("apt", "pip", "pip3", "npm"):
+        group = getattr(recipe.dependencies, name)
+        if group is not None and group.packages:
+            managers.append(f"{name}{describe_location(group)}: {describe_packages(name, group)}")
+    if managers:
+        descriptions["dependencies"] = "; ".join(managers)
+    return {stage: shorten(text) for stage, text in descriptions.items()}
+
+
+def describe_command(command: CommandStage) -> str:
+    lines = len((command.run or "").splitlines())
+    return f"bash script of {lines} line{'' if lines == 1 else 's'}, timeout {command.timeout_seconds} s"
+
+
+def describe_location(group: PackageGroup) -> str:
+    location = getattr(group, "virtualenv", None) or getattr(group, "directory", None)
+    return f" in {location}" if location else ""
+
+
+def describe_packages(manager: str, group: PackageGroup) -> str:
+    separator = {"apt": "=", "npm": "@"}.get(manager, "==")
+    return ", ".join(
+        package.name + (separator + package.version if package.version else "") for package in group.packages
+    )
+
+
+def shorten(text: str) -> str:
+    if len(text) <= MAX_STAGE_DESCRIPTION_CHARS:
+        return text
+    return text[: MAX_STAGE_DESCRIPTION_CHARS - 3] + "..."

@@ -35,6 +35,18 @@ class DeviceCreate(BaseModel):
         return [check_label(value) for value in values]
 
 
+class DeviceLabelsUpdate(BaseModel):
+    """New groups or tags of a device; a list left out stays as it is."""
+
+    groups: list[str] | None = None
+    tags: list[str] | None = None
+
+    @field_validator("groups", "tags")
+    @classmethod
+    def check_labels(cls, values: list[str] | None) -> list[str] | None:
+        return None if values is None else [check_label(value) for value in values]
+
+
 class DeviceCreated(BaseModel):
     id: str
     token: str = Field(description="The device's token; shown once, only its hash is stored.")

@@ -85,6 +85,18 @@ class OperatorApiClient:
     def read_device(self, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/devices/{device_id}")
 
+    def set_device_labels(
+        self, device_id: str, groups: list[str] | None = None, tags: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Replace a device's groups, tags or both; None leaves that list as it is."""
+
+        body: dict[str, Any] = {}
+        if groups is not None:
+            body["groups"] = groups
+        if tags is not None:
+            body["tags"] = tags
+        return self._request("PATCH", f"/devices/{device_id}", json=body)
+
     def remove_device(self, device_id: str) -> None:
         self._request("DELETE", f"/devices/{device_id}")
 
@@ -113,10 +125,11 @@ class OperatorApiClient:
         devices: list[str] | None = None,
         groups: list[str] | None = None,
         timeouts: dict[str, int] | None = None,
+        tags: list[str] | None = None,
     ) -> dict:
         body: dict[str, Any] = {"update_id": update_id}
-        if devices or groups:
-            body["targets"] = {"devices": devices or [], "groups": groups or []}
+        if devices or groups or tags:
+            body["targets"] = {"devices": devices or [], "groups": groups or [], "tags": tags or []}
         if timeouts:
             body["timeouts"] = timeouts
         return self._request("POST", "/deployments", json=body)

@@ -7,7 +7,7 @@ import secrets
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, Update, utc_now
+from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, DeviceTag, Update, utc_now
 from microupdates.errors import InvalidRequestError, NotFoundError
 from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
 from microupdates.workflows.contracts import (
@@ -76,7 +76,7 @@ def create_deployment(
 
     load_update(session, update_id)
     if targets.is_empty():
-        raise InvalidRequestError("The target is empty: name at least one device or group.")
+        raise InvalidRequestError("The target is empty: name at least one device, group or tag.")
 
     missing_devices = [d for d in targets.devices if session.get(Device, d) is None]
     if missing_devices:
@@ -85,6 +85,10 @@ def create_deployment(
         member = session.scalars(select(DeviceGroup.device_id).where(DeviceGroup.group_name == group).limit(1))
         if member.first() is None:
             raise InvalidRequestError(f"Unknown group in the target: {group!r} has no devices.")
+    for tag in targets.tags:
+        member = session.scalars(select(DeviceTag.device_id).where(DeviceTag.tag == tag).limit(1))
+        if member.first() is None:
+            raise InvalidRequestError(f"Unknown tag in the target: no device has the tag {tag!r}.")
 
     row = Deployment(
         id=new_id("dep"),
@@ -114,6 +118,8 @@ def freeze_deployment_targets(session: Session, deployment_id: str) -> int:
     device_ids = set(targets.devices)
     for group in targets.groups:
         device_ids.update(session.scalars(select(DeviceGroup.device_id).where(DeviceGroup.group_name == group)))
+    for tag in targets.tags:
+        device_ids.update(session.scalars(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     device_ids &= set(session.scalars(select(Device.id).where(Device.id.in_(device_ids))))
 
     ordered = sorted(device_ids)

@@ -119,12 +119,13 @@ ResourceName = Annotated[str, AfterValidator(check_name)]
 
 
 class TargetSelection(RecipeModel):
-    """Devices and groups an update goes to; a device in both is updated once."""
+    """Devices, groups and tags an update goes to: the union of all three, each device updated once."""
 
     devices: List[ResourceName] = Field(default_factory=list)
     groups: List[ResourceName] = Field(default_factory=list)
+    tags: List[ResourceName] = Field(default_factory=list)
 
-    @field_validator("devices", "groups")
+    @field_validator("devices", "groups", "tags")
     @classmethod
     def check_unique_names(cls, names: List[str]) -> List[str]:
         duplicates = list_duplicates(names)
@@ -133,7 +134,7 @@ class TargetSelection(RecipeModel):
         return names
 
     def is_empty(self) -> bool:
-        return not self.devices and not self.groups
+        return not self.devices and not self.groups and not self.tags
 
 
 class CommandStage(RecipeModel):

@@ -76,6 +76,8 @@ class DeploymentPlan:
     rollback_command_timeout_seconds: int | None = None
     reboot: bool = False
     target_groups: list[str] = field(default_factory=list)
+    # One line per stage saying what it runs, shown as the activity's summary in the Web UI.
+    stage_descriptions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -167,7 +167,7 @@ class DeviceUpdateWorkflow:
                 start_to_close_timeout=timedelta(seconds=stage_timeout + STAGE_PICKUP_ALLOWANCE_SECONDS),
                 heartbeat_timeout=timedelta(seconds=plan.heartbeat_timeout_seconds),
                 retry_policy=NO_RETRY,
-                summary=f"{stage} of update {plan.update_version} on {update.device_id}",
+                summary=stage_summary(stage, plan, update.device_id),
             )
         except asyncio.CancelledError as error:
             raise StageFailure(stage, f"the workflow was cancelled during the {stage} stage", cancelled=True) from error
@@ -240,6 +240,12 @@ class DeviceUpdateWorkflow:
         if outcome.status != STAGE_SUCCEEDED:
             return outcome.error or f"ended with status {outcome.status}"
         return None
+
+
+def stage_summary(stage: str, plan: DeploymentPlan, device_id: str) -> str:
+    summary = f"{stage} of update {plan.update_version} on {device_id}"
+    description = plan.stage_descriptions.get(stage)
+    return f"{summary}: {description}" if description else summary
 
 
 def compensation_for(stage: str, plan: DeploymentPlan) -> str | None:

@@ -83,3 +83,22 @@ def test_devices_register_invalid_name_names_the_field(cli):
 
     assert result.exit_code == 1
     assert "HTTP 422: name: 'Not_Valid' is not a valid name" in result.stderr
+
+
+def test_devices_set_replaces_groups_and_keeps_tags(cli, api, unique_name):
+    name = f"relabel-{unique_name}"
+    api.register_device(name, groups=["old-group"], tags=["keep-me"])
+
+    result = cli("devices", "set", name, "--group", "new-a", "--group", "new-b", "--json")
+
+    assert result.exit_code == 0, result.output
+    shown = api.read_device(name)
+    assert sorted(shown["groups"]) == ["new-a", "new-b"]
+    assert shown["tags"] == ["keep-me"]
+
+
+def test_devices_set_without_changes_fails(cli, unique_name):
+    result = cli("devices", "set", f"nothing-{unique_name}")
+
+    assert result.exit_code == 1
+    assert "Nothing to change" in result.stderr

@@ -321,3 +321,20 @@ def test_report_after_stage_timed_out_is_rejected(api, stack, tmp_path, unique_n
     assert late.status_code == 409
     assert "had already ended on the server (timed out)" in late.json()["detail"]
     assert again.status_code == 409
+
+
+def test_deploy_to_tag_reaches_only_tagged_devices(api, fleet, tmp_path, unique_name):
+    tagged = f"tagged-{unique_name}"
+    untagged = f"untagged-{unique_name}"
+    for name, tags in ((tagged, [f"canary-{unique_name}"]), (untagged, [])):
+        device = fleet.add(name, api.register_device(name, groups=[f"tags-{unique_name}"], tags=tags)["token"])
+        fleet.start(device)
+    recipe = {"version": "1.0.0", "before": {"run": "true"}}
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+
+    detail = wait_for_deployment(api, api.deploy(update["id"], tags=[f"canary-{unique_name}"])["id"])
+
+    assert [row["device_id"] for row in detail["devices"]] == [tagged]
+    assert detail["targets"]["tags"] == [f"canary-{unique_name}"]
+    with pytest.raises(OperatorApiError, match=rf"HTTP 422: Unknown tag in the target: no device has the tag 'ghost-{unique_name}'"):
+        api.deploy(update["id"], tags=[f"ghost-{unique_name}"])

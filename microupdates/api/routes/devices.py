@@ -10,6 +10,7 @@ from microupdates.api.deps import State
 from microupdates.api.schemas import (
     DeviceCreate,
     DeviceCreated,
+    DeviceLabelsUpdate,
     DevicePublic,
     EnrolmentKeyCreate,
     EnrolmentKeyCreated,
@@ -40,6 +41,20 @@ def list_devices(
 @router.get("/devices/{device_id}", response_model=DevicePublic)
 def read_device(device_id: str, state: State) -> DevicePublic:
     with state.database.session() as session:
+        view = device_store.load_device_view(session, device_id)
+    return DevicePublic(**view.__dict__)
+
+
+@router.patch("/devices/{device_id}", response_model=DevicePublic)
+def update_device_labels(device_id: str, body: DeviceLabelsUpdate, state: State) -> DevicePublic:
+    """Replace a device's groups, tags or both. Running deployments keep the devices they froze at start."""
+
+    with state.database.session() as session:
+        current = device_store.load_device_view(session, device_id)
+        groups = body.groups if body.groups is not None else current.groups
+        tags = body.tags if body.tags is not None else current.tags
+        device_store.set_device_labels(session, device_id, groups, tags)
+        session.flush()
         view = device_store.load_device_view(session, device_id)
     return DevicePublic(**view.__dict__)
 

@@ -33,6 +33,9 @@ def deploy(
         Optional[list[str]], typer.Option("--device", help="Target device; repeat for several.")
     ] = None,
     group: Annotated[Optional[list[str]], typer.Option("--group", help="Target group; repeat for several.")] = None,
+    tag: Annotated[
+        Optional[list[str]], typer.Option("--tag", help="Target every device with this tag; repeat for several.")
+    ] = None,
     check_in_deadline: Annotated[
         Optional[int],
         typer.Option(
@@ -57,7 +60,7 @@ def deploy(
     as_json: WatchJsonOption = False,
     server: ServerOption = None,
 ) -> None:
-    """Deploy an update to devices and groups; without --device or --group, to the recipe's targets.
+    """Deploy an update to devices, groups and tags; without --device, --group or --tag, to the recipe's targets.
 
     With --wait the exit code is 0 when every device succeeded, 2 when the
     deployment ended failed or aborted, and 1 on errors or when --timeout
@@ -80,7 +83,7 @@ def deploy(
         if check_in_deadline is not None or heartbeat_timeout is not None:
             timeouts = complete_timeouts(api, update, check_in_deadline, heartbeat_timeout)
 
-        deployment = api.deploy(update, devices=device, groups=group, timeouts=timeouts)
+        deployment = api.deploy(update, devices=device, groups=group, tags=tag, timeouts=timeouts)
         report_step(
             as_json,
             "deployment_created",

@@ -1,4 +1,4 @@
-"""`microupdates devices`: register, list, show and remove devices."""
+"""`microupdates devices`: register, list, show, relabel and remove devices."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import typer
 
 from microupdates.cli.connection import operator_api
 from microupdates.cli.options import JsonOption, ServerOption
-from microupdates.cli.output import echo_json_document, make_console
+from microupdates.cli.output import echo_json_document, fail, make_console
 from microupdates.cli.tables import device_details_table, devices_table
 
-app = typer.Typer(help="Register, list, show and remove devices.", no_args_is_help=True)
+app = typer.Typer(help="Register, list, show, relabel and remove devices.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -79,6 +79,36 @@ def register_device(
         soft_wrap=True,
         style="dim",
     )
+
+
+@app.command("set")
+def set_device_labels(
+    device: str,
+    group: Annotated[
+        Optional[list[str]], typer.Option("--group", help="The device's groups, replacing the current ones; repeat.")
+    ] = None,
+    tag: Annotated[
+        Optional[list[str]], typer.Option("--tag", help="The device's tags, replacing the current ones; repeat.")
+    ] = None,
+    no_groups: Annotated[bool, typer.Option("--no-groups", help="Remove the device from every group.")] = False,
+    no_tags: Annotated[bool, typer.Option("--no-tags", help="Remove every tag of the device.")] = False,
+    server: ServerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Replace a device's groups or tags; a list not given stays as it is."""
+
+    groups = [] if no_groups else group
+    tags = [] if no_tags else tag
+    if groups is None and tags is None:
+        fail("Nothing to change: give --group, --tag, --no-groups or --no-tags.")
+
+    with operator_api(server) as api:
+        body = api.set_device_labels(device, groups=groups, tags=tags)
+
+    if as_json:
+        echo_json_document(body)
+        return
+    make_console().print(device_details_table(body))
 
 
 @app.command("remove")
