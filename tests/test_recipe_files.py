@@ -84,7 +84,7 @@ def test_load_recipe_file_returns_recipe_with_base_dir(tmp_path):
             destination: /opt/app/app.py
             mode: "0644"
           - source: dist
-            destination: /opt/app/dist/
+            destination: /opt/app/dist
         after:
           run: systemctl restart app
         """,

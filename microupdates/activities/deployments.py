@@ -17,6 +17,7 @@ from microupdates.workflows.contracts import (
     MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY,
     REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
     RECORD_DEVICE_OUTCOME_ACTIVITY,
+    RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
     START_DEPLOYMENT_ACTIVITY,
     DeploymentPlan,
     DevicePage,
@@ -25,6 +26,7 @@ from microupdates.workflows.contracts import (
     ListDeploymentDevicesInput,
     MarkUnstartedDevicesAbortedInput,
     RecordDeviceOutcomeInput,
+    RecordDeviceRollbackStartInput,
     RequestDeploymentAbortInput,
     StartDeploymentInput,
 )
@@ -117,6 +119,19 @@ class DeploymentActivities:
         ended = await end_queued_jobs(self.database, activity.client(), request.deployment_id, None)
         activity.logger.info("Deployment %s aborted by a cancel: %d queued jobs ended", request.deployment_id, ended)
         return ended
+
+    @activity.defn(name=RECORD_DEVICE_ROLLBACK_START_ACTIVITY)
+    async def record_device_rollback_start(self, request: RecordDeviceRollbackStartInput) -> None:
+        """Show the failure at once, and expire the failed stage's job, before the reverts wait for the device."""
+
+        def write() -> None:
+            with self.database.session() as session:
+                deployment_store.record_rollback_start(
+                    session, request.deployment_id, request.device_id, request.stage, request.error
+                )
+                job_store.expire_stage_jobs(session, request.deployment_id, request.device_id, request.stage)
+
+        await asyncio.to_thread(write)
 
     @activity.defn(name=RECORD_DEVICE_OUTCOME_ACTIVITY)
     async def record_device_outcome(self, request: RecordDeviceOutcomeInput) -> None:

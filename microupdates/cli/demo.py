@@ -26,6 +26,7 @@ DEMO_GROUP = "demo"
 DEPLOYMENT_TIMEOUT_SECONDS = 600.0
 EXAMPLE_RECIPE = Path("examples/hello-service/recipe.yaml")
 BROKEN_RECIPE = Path("examples/hello-service/recipe-broken.yaml")
+DEMO_MARKER_FILE = ".microupdates-demo"
 
 
 def run_demo(
@@ -38,7 +39,7 @@ def run_demo(
     its service responds with the first recipe's version again.
     """
 
-    shutil.rmtree(data_dir, ignore_errors=True)
+    prepare_data_dir(data_dir)
     stack = Stack(data_dir=data_dir / "server", ports=StackPorts.free())
     fleet = None
     started = time.monotonic()
@@ -71,6 +72,20 @@ def run_demo(
             fleet.stop_all()
             stop_services(fleet)
         stack.stop()
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Empty a directory that an earlier demo made; refuse any other non-empty directory."""
+
+    marker = data_dir / DEMO_MARKER_FILE
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not marker.exists():
+            raise RuntimeError(
+                f"{data_dir} is not empty and was not made by the demo; give --data-dir a new or empty directory."
+            )
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("This directory belongs to `microupdates demo`, which empties it at every run.\n")
 
 
 def register_devices(api: OperatorApiClient, fleet: LocalFleet) -> dict[str, int]:

@@ -52,7 +52,7 @@ def configure(
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="Directory for the demo's stack and devices; emptied first.")] = Path(
+    data_dir: Annotated[Path, typer.Option(help="Directory for the demo's stack and devices; new, empty, or made by an earlier demo (emptied first).")] = Path(
         "var/demo"
     ),
     recipe: Annotated[Path, typer.Option(help="Recipe to deploy.")] = EXAMPLE_RECIPE,

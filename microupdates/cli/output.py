@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -32,6 +33,17 @@ STATUS_STYLES = {
     "aborted": "magenta",
     "timed_out": "red",
 }
+
+
+# C0 controls except tab and newline, DEL and the C1 controls: a device's output
+# could otherwise move the cursor, retitle the window or write the clipboard.
+TERMINAL_CONTROL_PATTERN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_device_text(text: str) -> str:
+    """Return device-supplied text with terminal control characters shown as \\xNN escapes."""
+
+    return TERMINAL_CONTROL_PATTERN.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def stdout_is_terminal() -> bool:
@@ -124,4 +136,4 @@ def describe_device_error(row: dict[str, Any]) -> str:
     rollback_error = row.get("rollback_error")
     if rollback_error:
         error = f"{error}; rollback failed: {rollback_error}" if error else f"rollback failed: {rollback_error}"
-    return " ".join(error.split())
+    return escape_device_text(" ".join(error.split()))

@@ -101,6 +101,7 @@ class Stack:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._check_ports_free()
         try:
             self._start_temporal()
             self._start_process("worker", [sys.executable, "-m", "microupdates.worker.main"])
@@ -109,6 +110,19 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _check_ports_free(self) -> None:
+        """Fail before starting anything when a port is taken, since a running stack would answer our checks."""
+
+        for name, port in vars(self.ports).items():
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError as error:
+                    raise StackError(
+                        f"Port {port} for {name.replace('_', ' ')} is already in use ({error.strerror}); "
+                        "stop what uses it, or choose other ports with the --*-port options."
+                    ) from error
 
     def _start_temporal(self) -> None:
         command = [

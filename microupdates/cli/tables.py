@@ -11,6 +11,7 @@ from rich.text import Text
 
 from microupdates.cli.output import (
     describe_device_error,
+    escape_device_text,
     format_seconds,
     format_timestamp,
     seconds_between,
@@ -161,7 +162,7 @@ def deployment_details_table(detail: dict[str, Any]) -> Table:
     if detail.get("abort_requested"):
         table.add_row("abort", "requested")
     if detail.get("error"):
-        table.add_row("error", Text(detail["error"], style="red"))
+        table.add_row("error", Text(escape_device_text(detail["error"]), style="red"))
     return table
 
 
@@ -189,6 +190,6 @@ def stage_results_table(result: dict[str, Any]) -> Table:
             styled_status(stage["status"] or stage["state"]),
             "" if exit_code is None else str(exit_code),
             format_seconds(stage["duration_seconds"]),
-            stage["error"] or "",
+            escape_device_text(stage["error"] or ""),
         )
     return table

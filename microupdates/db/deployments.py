@@ -33,6 +33,12 @@ def new_id(prefix: str) -> str:
 def create_update(session: Session, recipe: Recipe) -> Update:
     """Store a bundled recipe; every file entry must name an uploaded artifact."""
 
+    for stage, command in (("before", recipe.before), ("after", recipe.after)):
+        if command is not None and command.script is not None:
+            raise InvalidRequestError(
+                f"{stage}.script ({command.script}) names a file the server cannot read; put the script text in "
+                f"{stage}.run, as `microupdates updates create RECIPE` does."
+            )
     for index, entry in enumerate(recipe.files):
         if entry.artifact is None or entry.kind is None:
             raise InvalidRequestError(
@@ -178,6 +184,17 @@ def record_device_outcome(
     row.finished_at = utc_now()
 
 
+def record_rollback_start(session: Session, deployment_id: str, device_id: str, stage: str, error: str) -> None:
+    """Show why a device is being rolled back while its reverts run or wait for it."""
+
+    row = load_deployment_device(session, deployment_id, device_id)
+    if row.status in FINAL_DEVICE_STATUSES:
+        return
+    row.status = DEVICE_IN_PROGRESS
+    row.stage = stage
+    row.error = error
+
+
 def mark_unstarted_devices_aborted(session: Session, deployment_id: str, after_device_id: str | None) -> int:
     """Mark the devices the workflow never started (ids after the last started one) as aborted."""
 
@@ -195,15 +212,15 @@ def request_abort(session: Session, deployment_id: str, device_id: str | None) -
     """Flag a deployment, or one of its devices, as aborted; False when it had already ended or was flagged."""
 
     deployment = load_deployment(session, deployment_id)
+    row = load_deployment_device(session, deployment_id, device_id) if device_id is not None else None
     if deployment.status in FINAL_DEPLOYMENT_STATUSES:
         return False
 
-    if device_id is None:
+    if row is None:
         if deployment.abort_requested_at is not None:
             return False
         deployment.abort_requested_at = utc_now()
     else:
-        row = load_deployment_device(session, deployment_id, device_id)
         if row.status in FINAL_DEVICE_STATUSES or row.abort_requested_at is not None:
             return False
         row.abort_requested_at = utc_now()
@@ -291,3 +308,13 @@ def load_deployment_device(session: Session, deployment_id: str, device_id: str)
     if row is None:
         raise NotFoundError(f"Device {device_id!r} is not part of deployment {deployment_id!r}.")
     return row
+
+
+def active_deployment_ids(session: Session, device_id: str) -> list[str]:
+    """Return the deployments in which the device has not reached a final status."""
+
+    return list(session.scalars(
+        select(DeploymentDevice.deployment_id)
+        .where(DeploymentDevice.device_id == device_id, DeploymentDevice.status.not_in(FINAL_DEVICE_STATUSES))
+        .order_by(DeploymentDevice.deployment_id)
+    ))

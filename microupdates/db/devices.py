@@ -56,10 +56,17 @@ def set_device_labels(session: Session, device_id: str, groups: list[str], tags:
     session.add_all(DeviceTag(device_id=device_id, tag=tag) for tag in sorted(set(tags)))
 
 
-def remove_device(session: Session, device_id: str) -> None:
+def remove_device(session: Session, device_id: str, active_deployments: list[str]) -> None:
+    """Remove a device, unless it is still part of a running deployment (listed in `active_deployments`)."""
+
     device = session.get(Device, device_id)
     if device is None:
         raise NotFoundError(f"Device {device_id!r} not found.")
+    if active_deployments:
+        raise ConflictError(
+            f"Device {device_id!r} is still updating in deployment(s) {', '.join(active_deployments)}; "
+            "abort it there first (POST /api/v1/deployments/ID/devices/DEVICE/abort), then remove it."
+        )
     session.execute(delete(DeviceGroup).where(DeviceGroup.device_id == device_id))
     session.execute(delete(DeviceTag).where(DeviceTag.device_id == device_id))
     session.delete(device)

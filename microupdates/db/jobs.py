@@ -101,6 +101,22 @@ def expire_open_jobs(session: Session, deployment_id: str, device_id: str) -> in
     return result.rowcount
 
 
+def expire_stage_jobs(session: Session, deployment_id: str, device_id: str, stage: str) -> int:
+    """Expire the open jobs of one stage of a device, once the workflow has given up on that stage."""
+
+    result = session.execute(
+        update(StageJob)
+        .where(
+            StageJob.deployment_id == deployment_id,
+            StageJob.device_id == device_id,
+            StageJob.stage == stage,
+            StageJob.state.in_(("queued", "running")),
+        )
+        .values(state="expired")
+    )
+    return result.rowcount
+
+
 def load_device_job(session: Session, job_id: int, device_id: str) -> StageJob:
     """Load a job of this device; another device's job is reported as not found."""
 

@@ -9,7 +9,7 @@ accepted and changes nothing.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,9 +112,9 @@ class StageReport(WireModel):
     it). `error` says in one sentence why it did not succeed.
     """
 
-    status: str
-    exit_code: Optional[int] = None
-    duration_seconds: float = 0.0
+    status: Literal["succeeded", "failed", "interrupted", "aborted"]
+    exit_code: Optional[int] = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    duration_seconds: float = Field(default=0.0, ge=0)
     error: Optional[str] = None
     steps: List[StepResult] = Field(default_factory=list)
 

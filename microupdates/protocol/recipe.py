@@ -36,6 +36,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 MODE_PATTERN = re.compile(r"^0?[0-7]{3,4}\Z")
 
+CONTROL_CHARACTER_PATTERN = re.compile(r"[\x01-\x1f\x7f]")
+
 # Package grammars, one per manager. Names and versions reach the device's
 # package manager as separate argv entries, never through a shell. No name may
 # start with '-', so none is read as a command-line option.
@@ -68,6 +70,8 @@ def check_absolute_path(value: str) -> str:
 
     if "\x00" in value:
         raise ValueError(f"must not contain a NUL byte, got {value!r}")
+    if CONTROL_CHARACTER_PATTERN.search(value):
+        raise ValueError(f"must not contain control characters such as a newline or tab, got {value!r}")
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path starting with '/', got {value!r}")
     if ".." in value.split("/"):
@@ -186,6 +190,12 @@ class FileEntry(RecipeModel):
     @field_validator("destination")
     @classmethod
     def check_destination(cls, value: str) -> str:
+        if len(value) > 1 and value.endswith("/"):
+            # A file entry would otherwise be written under the directory's own name.
+            raise ValueError(
+                f"must not end with '/', got {value!r}: give the full path of the file or directory, "
+                f"such as {value.rstrip('/') + '/NAME'!r} for a file"
+            )
         return check_absolute_path(value)
 
     @field_validator("mode", mode="before")

@@ -33,6 +33,7 @@ def build_worker(client, database: Database, task_queue: str) -> Worker:
             deployment_activities.start_deployment,
             deployment_activities.list_deployment_devices,
             deployment_activities.record_device_outcome,
+            deployment_activities.record_device_rollback_start,
             deployment_activities.finish_deployment,
             deployment_activities.mark_unstarted_devices_aborted,
             deployment_activities.request_deployment_abort,

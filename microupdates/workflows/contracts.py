@@ -20,6 +20,7 @@ RECORD_DEVICE_OUTCOME_ACTIVITY = "record_device_outcome"
 FINISH_DEPLOYMENT_ACTIVITY = "finish_deployment"
 MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY = "mark_unstarted_devices_aborted"
 REQUEST_DEPLOYMENT_ABORT_ACTIVITY = "request_deployment_abort"
+RECORD_DEVICE_ROLLBACK_START_ACTIVITY = "record_device_rollback_start"
 
 ABORT_SIGNAL = "abort"
 # ApplicationError type of a stage or check-in that ended because the operator aborted.
@@ -168,6 +169,14 @@ class RecordDeviceOutcomeInput:
     stage: str | None
     error: str | None
     rollback_error: str | None = None
+
+
+@dataclass
+class RecordDeviceRollbackStartInput:
+    deployment_id: str
+    device_id: str
+    stage: str
+    error: str
 
 
 @dataclass

@@ -37,12 +37,14 @@ with workflow.unsafe.imports_passed_through():
         DEVICE_TIMED_OUT,
         DEVICE_UPDATE_WORKFLOW,
         RECORD_DEVICE_OUTCOME_ACTIVITY,
+        RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
         RUN_DEVICE_STAGE_ACTIVITY,
         STAGE_PICKUP_ALLOWANCE_SECONDS,
         DeploymentPlan,
         DeviceUpdateInput,
         DeviceUpdateResult,
         RecordDeviceOutcomeInput,
+        RecordDeviceRollbackStartInput,
         StageJobInput,
         StageOutcome,
     )
@@ -204,6 +206,13 @@ class DeviceUpdateWorkflow:
             "Rolling back device %s of deployment %s after %s: %s",
             update.device_id, update.deployment_id, failure.stage, ", ".join(steps),
         )
+        # The reverts may wait a long time for a lost device; the operator sees the failure meanwhile.
+        await workflow.execute_activity(
+            RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
+            RecordDeviceRollbackStartInput(update.deployment_id, update.device_id, failure.stage, failure.reason),
+            start_to_close_timeout=RECORD_TIMEOUT,
+            retry_policy=RECORD_RETRY,
+        )
         for step in steps:
             error = await self._run_compensation(update, step)
             if error is not None:
@@ -211,8 +220,10 @@ class DeviceUpdateWorkflow:
                     "Rollback step %s failed on device %s of deployment %s: %s",
                     step, update.device_id, update.deployment_id, error,
                 )
+                # The agent's errors may already start with the step's name.
+                rollback_error = error if error.startswith(f"{step}:") else f"{step}: {error}"
                 return DeviceUpdateResult(
-                    update.device_id, DEVICE_ROLLBACK_FAILED, failure.stage, failure.reason, f"{step}: {error}"
+                    update.device_id, DEVICE_ROLLBACK_FAILED, failure.stage, failure.reason, rollback_error
                 )
         return DeviceUpdateResult(update.device_id, final_status, failure.stage, failure.reason)
 

@@ -8,6 +8,7 @@ from microupdates.cli.watch import (
     DeviceEvent,
     exit_code_for,
 )
+from microupdates.cli.output import escape_device_text
 from microupdates.cli.watch_display import describe_event
 
 
@@ -82,3 +83,11 @@ def test_plain_line_shows_error_only_when_final():
     assert describe_event(DeploymentEvent("t", "dep-1", "in_progress", "failed")) == (
         "t deployment dep-1 in_progress -> failed"
     )
+
+
+def test_escape_device_text_neutralises_terminal_controls():
+    text = "\x1b]0;title\x07\x1b[31mRED\x1b[0m line\nnext\ttab \x9b"
+
+    escaped = escape_device_text(text)
+
+    assert escaped == "\\x1b]0;title\\x07\\x1b[31mRED\\x1b[0m line\nnext\ttab \\x9b"

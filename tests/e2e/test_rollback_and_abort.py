@@ -240,9 +240,15 @@ def test_silent_device_fails_by_heartbeat_and_rolls_back_when_back(api, fleet, t
     os.kill(device.process.pid, signal.SIGSTOP)
     try:
         time.sleep(16)
+        # While the reverts wait for the device, the operator already sees why.
+        waiting = api.read_deployment(deployment["id"])["devices"][0]
     finally:
         os.kill(device.process.pid, signal.SIGCONT)
     detail = wait_for_deployment(api, deployment["id"])
+
+    assert waiting["status"] == "in_progress"
+    assert waiting["stage"] == "after"
+    assert "stopped reporting during the after stage" in waiting["error"]
 
     assert "stopped reporting during the after stage" in detail["devices"][0]["error"]
     assert detail["devices"][0]["status"] == "rolled_back", detail["devices"][0]

@@ -32,6 +32,7 @@ from microupdates.workflows.contracts import (
     LIST_DEPLOYMENT_DEVICES_ACTIVITY,
     MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY,
     RECORD_DEVICE_OUTCOME_ACTIVITY,
+    RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
     REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
     RUN_DEVICE_STAGE_ACTIVITY,
     START_DEPLOYMENT_ACTIVITY,
@@ -44,6 +45,7 @@ from microupdates.workflows.contracts import (
     ListDeploymentDevicesInput,
     MarkUnstartedDevicesAbortedInput,
     RecordDeviceOutcomeInput,
+    RecordDeviceRollbackStartInput,
     RequestDeploymentAbortInput,
     StageJobInput,
     StageOutcome,
@@ -103,6 +105,7 @@ class FakeFleet:
         self.check_ins: Counter[str] = Counter()
         self.stages_run: dict[str, list[str]] = defaultdict(list)
         self.recorded: dict[str, list[RecordDeviceOutcomeInput]] = defaultdict(list)
+        self.rollback_starts: list[RecordDeviceRollbackStartInput] = []
         self.mark_aborted_requests: list[MarkUnstartedDevicesAbortedInput] = []
         self.abort_requests: list[RequestDeploymentAbortInput] = []
         self.finish_calls = 0
@@ -145,6 +148,10 @@ class FakeFleet:
         if self.failing_stages.get(request.device_id) == request.stage:
             return StageOutcome("failed", exit_code=1, error=f"{request.stage} script exited with status 1")
         return StageOutcome("succeeded", exit_code=0)
+
+    @activity.defn(name=RECORD_DEVICE_ROLLBACK_START_ACTIVITY)
+    async def record_device_rollback_start(self, request: RecordDeviceRollbackStartInput) -> None:
+        self.rollback_starts.append(request)
 
     @activity.defn(name=RECORD_DEVICE_OUTCOME_ACTIVITY)
     async def record_device_outcome(self, request: RecordDeviceOutcomeInput) -> None:
@@ -199,6 +206,7 @@ class FakeFleet:
             self.await_device_check_in,
             self.run_device_stage,
             self.record_device_outcome,
+            self.record_device_rollback_start,
             self.mark_unstarted_devices_aborted,
             self.request_deployment_abort,
             self.finish_deployment,

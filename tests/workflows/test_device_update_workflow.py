@@ -43,12 +43,14 @@ from microupdates.workflows.contracts import (
     ABORTED_ERROR_TYPE,
     AWAIT_DEVICE_CHECK_IN_ACTIVITY,
     RECORD_DEVICE_OUTCOME_ACTIVITY,
+    RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
     RUN_DEVICE_STAGE_ACTIVITY,
     STAGE_PICKUP_ALLOWANCE_SECONDS,
     DeploymentPlan,
     DeviceUpdateInput,
     DeviceUpdateResult,
     RecordDeviceOutcomeInput,
+    RecordDeviceRollbackStartInput,
     StageJobInput,
     StageOutcome,
 )
@@ -111,6 +113,7 @@ class FakeDevice:
         self.check_ins: list[StageJobInput] = []
         self.stages_run: list[str] = []
         self.recorded: list[RecordDeviceOutcomeInput] = []
+        self.rollback_starts: list[RecordDeviceRollbackStartInput] = []
 
     async def _go_silent(self, timeout_seconds: int) -> None:
         await self.environment.sleep(timedelta(seconds=timeout_seconds - SILENT_WALL_SECONDS))
@@ -139,12 +142,21 @@ class FakeDevice:
             activity.raise_complete_async()
         return self.stage_outcomes.get(request.stage, StageOutcome("succeeded", exit_code=0, duration_seconds=0.5))
 
+    @activity.defn(name=RECORD_DEVICE_ROLLBACK_START_ACTIVITY)
+    async def record_device_rollback_start(self, request: RecordDeviceRollbackStartInput) -> None:
+        self.rollback_starts.append(request)
+
     @activity.defn(name=RECORD_DEVICE_OUTCOME_ACTIVITY)
     async def record_device_outcome(self, request: RecordDeviceOutcomeInput) -> None:
         self.recorded.append(request)
 
     def activities(self) -> list:
-        return [self.await_device_check_in, self.run_device_stage, self.record_device_outcome]
+        return [
+            self.await_device_check_in,
+            self.run_device_stage,
+            self.record_device_rollback_start,
+            self.record_device_outcome,
+        ]
 
 
 def make_worker(environment: WorkflowEnvironment, task_queue: str, device: FakeDevice) -> Worker:
@@ -251,6 +263,7 @@ async def test_device_update_rolls_back_in_reverse_order(
     assert device.recorded[0].status == "rolled_back"
     assert device.recorded[0].stage == "dependencies"
     assert device.recorded[0].error == error
+    assert [(start.stage, start.error) for start in device.rollback_starts] == [("dependencies", error)]
 
 
 async def test_device_update_runs_only_enabled_reverts(

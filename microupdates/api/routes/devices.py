@@ -15,6 +15,7 @@ from microupdates.api.schemas import (
     EnrolmentKeyCreate,
     EnrolmentKeyCreated,
 )
+from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 
 router = APIRouter(tags=["devices"])
@@ -62,7 +63,7 @@ def update_device_labels(device_id: str, body: DeviceLabelsUpdate, state: State)
 @router.delete("/devices/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
 def remove_device(device_id: str, state: State) -> None:
     with state.database.session() as session:
-        device_store.remove_device(session, device_id)
+        device_store.remove_device(session, device_id, deployment_store.active_deployment_ids(session, device_id))
 
 
 @router.post("/enrolment-keys", status_code=status.HTTP_201_CREATED, response_model=EnrolmentKeyCreated)

@@ -21,6 +21,7 @@ from microupdates.cli.options import (
 from microupdates.cli.output import (
     describe_device_error,
     echo_json_document,
+    escape_device_text,
     format_seconds,
     make_console,
     styled_status,
@@ -126,8 +127,8 @@ def print_step_outputs(console: Console, result: dict[str, Any]) -> None:
                 details.append("output truncated")
             console.print(Text(f"--- {title}: {', '.join(details)}", style="bold"), soft_wrap=True)
             if step.get("error"):
-                console.print(Text(step["error"], style="red"), soft_wrap=True)
-            text = step.get("output") or ""
+                console.print(Text(escape_device_text(step["error"]), style="red"), soft_wrap=True)
+            text = escape_device_text(step.get("output") or "")
             if text:
                 typer.echo(text, nl=not text.endswith("\n"))
 
