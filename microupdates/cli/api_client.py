@@ -97,6 +97,9 @@ class OperatorApiClient:
             body["tags"] = tags
         return self._request("PATCH", f"/devices/{device_id}", json=body)
 
+    def create_enrolment_key(self, group: str) -> dict[str, Any]:
+        return self._request("POST", "/enrolment-keys", json={"group": group})
+
     def remove_device(self, device_id: str) -> None:
         self._request("DELETE", f"/devices/{device_id}")
 

@@ -61,6 +61,10 @@ class Agent:
 
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(exist_ok=True)
+        logger.info(
+            "Agent %s started: server %s, state directory %s, device root %s",
+            __version__, self.config.server_url, self.config.state_dir, self.config.device_root or "(none)",
+        )
         try:
             self._ensure_credentials()
             self._recover_journal()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 
 def test_devices_register_prints_token_once(cli, api, unique_name):
     name = f"reg-{unique_name}"
@@ -102,3 +104,14 @@ def test_devices_set_without_changes_fails(cli, unique_name):
 
     assert result.exit_code == 1
     assert "Nothing to change" in result.stderr
+
+
+def test_devices_enrolment_key_lets_a_device_enrol(cli, stack, unique_name):
+    result = cli("devices", "enrolment-key", "--group", f"fleet-{unique_name}", "--json")
+
+    assert result.exit_code == 0, result.output
+    key = json.loads(result.stdout)["key"]
+    enrolled = httpx.post(f"{stack.api_url}/device/v1/enrol",
+                          json={"enrolment_key": key, "device_name": f"enrolled-{unique_name}"})
+    assert enrolled.status_code == 201
+    assert enrolled.json()["groups"] == [f"fleet-{unique_name}"]

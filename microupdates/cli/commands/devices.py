@@ -111,6 +111,30 @@ def set_device_labels(
     make_console().print(device_details_table(body))
 
 
+@app.command("enrolment-key")
+def create_enrolment_key(
+    group: Annotated[str, typer.Option("--group", help="Group that devices enrolling with this key join.")],
+    server: ServerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a fleet enrolment key and print it, which the API does only this once."""
+
+    with operator_api(server) as api:
+        created = api.create_enrolment_key(group)
+
+    if as_json:
+        echo_json_document(created)
+        return
+    console = make_console()
+    console.print(f"Created an enrolment key for group {created['group']}. It follows; the API shows it only this once:")
+    typer.echo(created["key"])
+    console.print(
+        f"Enrol a device with: microupdates-agent --server-url {api.server_url} --enrolment-key=KEY --device-name NAME",
+        soft_wrap=True,
+        style="dim",
+    )
+
+
 @app.command("remove")
 def remove_device(device: str, server: ServerOption = None) -> None:
     """Remove a device from the registry; its token stops working."""
