@@ -24,6 +24,12 @@ from microupdates.recipe_files import RecipeError
 # Tracebacks of unexpected errors leave out local variables, which may include the API key.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
+# Rich assumes 80 columns when stdout is not a terminal, which squeezes the demo's result tables.
+PIPED_DEMO_WIDTH = 160
+
+
+def demo_console() -> Console:
+    return console if console.is_terminal else Console(width=PIPED_DEMO_WIDTH)
 
 app.add_typer(devices.app, name="devices")
 app.add_typer(updates.app, name="updates")
@@ -67,7 +73,7 @@ def demo(
     logging.basicConfig(level="WARNING")
     try:
         succeeded = run_demo(
-            data_dir.resolve(), recipe, broken_recipe if show_rollback else None, keep_running, console
+            data_dir.resolve(), recipe, broken_recipe if show_rollback else None, keep_running, demo_console()
         )
     except (OperatorApiError, RecipeError, TimeoutError, RuntimeError) as error:
         console.print(f"[red]Demo failed:[/red] {error}")
