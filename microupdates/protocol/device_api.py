@@ -80,14 +80,14 @@ class CheckInResponse(WireModel):
 
 
 class ProgressReport(WireModel):
-    """Sent while a stage runs. The API holds it open up to `wait_seconds` and answers at once on abort."""
+    """Sent while a stage runs. The API keeps it open up to `wait_seconds` and responds at once on abort."""
 
     output_tail: str = ""
     wait_seconds: int = Field(default=0, ge=0, le=MAX_LONG_POLL_SECONDS)
 
 
 class ProgressResponse(WireModel):
-    """`abort` tells the agent to stop the running stage."""
+    """`abort` is true when the agent must stop the running stage."""
 
     abort: bool = False
 

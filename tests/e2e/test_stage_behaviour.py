@@ -53,7 +53,9 @@ def test_stage_environment_is_minimal_and_documented(api, fleet, tmp_path, uniqu
     output = stage_steps(api, detail["id"], name, "before")[0]["output"]
     variables = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
     assert "/usr/local/bin" in variables["PATH"].split(":")
-    assert variables["HOME"] and variables["LANG"] and variables["USER"]
+    assert variables["HOME"]
+    assert variables["LANG"]
+    assert variables["USER"]
     assert variables["DEBIAN_FRONTEND"] == "noninteractive"
     assert variables["MICROUPDATES_UPDATE_VERSION"] == "7.1.0"
     assert variables["MICROUPDATES_STAGE"] == "before"
@@ -93,7 +95,7 @@ def test_directory_merges_by_default_and_replace_swaps_it(api, fleet, tmp_path, 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
-def test_existing_mode_and_owner_are_kept_without_recipe_mode(api, fleet, tmp_path, unique_name):
+def test_file_keeps_existing_mode_and_owner(api, fleet, tmp_path, unique_name):
     nobody = pwd.getpwnam("nobody")
 
     def prepare(root):
@@ -131,5 +133,6 @@ def test_pip_step_reports_interpreter_it_used(api, fleet, tmp_path, unique_name)
     assert detail["status"] == "succeeded", detail
     steps = stage_steps(api, detail["id"], name, "dependencies")
     interpreters = [step["interpreter"] for step in steps if step.get("interpreter")]
-    assert any("/opt/tool/venv/bin/python" in interpreter and "(Python 3." in interpreter
-               for interpreter in interpreters), interpreters
+    venv_interpreters = [interpreter for interpreter in interpreters if "/opt/tool/venv/bin/python" in interpreter]
+    assert venv_interpreters, interpreters
+    assert all("(Python 3." in interpreter for interpreter in venv_interpreters), venv_interpreters
