@@ -45,7 +45,7 @@ class StageActivities:
 
         The abort flag is read after the job is committed. The API sets the flag
         before it fails the queued jobs, so either this check or the API's
-        sweep sees the job, and no job waits for a device after an abort.
+        sweep finds the job, and no job waits for a device after an abort.
         """
 
         info = activity.info()

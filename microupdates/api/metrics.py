@@ -55,7 +55,7 @@ def route_template(request: Request) -> str:
     """Return the matched route's path template with its router prefix, such as /device/v1/jobs/{job_id}/report.
 
     Templates, not paths, keep ids out of the label values. The route of an
-    included router knows only its own part of the path, so the prefix is
+    included router contains only its own part of the path, so the prefix is
     taken from the request path.
     """
 

@@ -80,6 +80,6 @@ class LocalFleet:
 
 
 def agent_environment() -> dict[str, str]:
-    """The agent's environment: this one, minus the server's settings, which are no business of a device."""
+    """Return this process's environment without the server's MICROUPDATES_* settings, which a device must not see."""
 
     return {key: value for key, value in os.environ.items() if not key.startswith("MICROUPDATES_")}

@@ -109,7 +109,7 @@ class StageReport(WireModel):
 
     `status` is `succeeded`, `failed`, `interrupted` (the agent restarted in
     the middle of the stage) or `aborted` (the server asked the agent to stop
-    it). `error` says in one sentence why it did not succeed.
+    it). `error` states in one sentence why it did not succeed.
     """
 
     status: Literal["succeeded", "failed", "interrupted", "aborted"]

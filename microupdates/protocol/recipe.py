@@ -386,7 +386,7 @@ class Dependencies(RecipeModel):
 
 
 class RollbackSettings(RecipeModel):
-    """What to do on the device when the update fails or is aborted.
+    """Actions on the device when the update fails or is aborted.
 
     Reverts run in reverse order of the stages that ran (packages, then files),
     then the command, then the reboot.

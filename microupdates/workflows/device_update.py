@@ -1,7 +1,7 @@
 """One device's update: wait for the device to check in, run each stage on it, roll back on failure.
 
 Rollback is a saga. Before the files and dependencies stages run, their
-reverts are registered; when a stage fails, is aborted or the device is lost,
+reverts are registered. When a stage fails, is aborted or the device is lost,
 the registered reverts run on the device in reverse order, then the recipe's
 rollback command and reboot. Every compensation is idempotent on the agent, so
 running one again after a lost report is harmless.

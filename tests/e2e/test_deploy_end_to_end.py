@@ -150,8 +150,10 @@ def test_repeated_stage_report_is_recorded_once(api, stack, fleet, tmp_path, uni
     finally:
         device_api.close()
 
-    assert first.status_code == 200 and first.json()["detail"] == "recorded"
-    assert second.status_code == 200 and second.json()["detail"] == "already recorded"
+    assert first.status_code == 200
+    assert first.json()["detail"] == "recorded"
+    assert second.status_code == 200
+    assert second.json()["detail"] == "already recorded"
     detail = wait_for_deployment(api, deployment["id"], timeout=60)
     assert detail["status"] == "succeeded"
     stages = api.read_device_result(deployment["id"], name)["stages"]
@@ -168,7 +170,7 @@ def test_check_in_returns_job_before_long_poll_ends(api, stack, tmp_path, unique
     try:
         assert device_api.check_in("test", 0).job is None
         api.deploy(update["id"])
-        # One long poll sees the check-in job queued (and completes it), then
+        # One long poll finds the check-in job queued (and completes it), then
         # the stage job queued by the workflow wakes it again.
         started = time.monotonic()
         job = device_api.check_in("test", 30).job

@@ -58,7 +58,7 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
 
 @router.post("/jobs/{job_id}/progress", response_model=ProgressResponse)
 async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevice, state: State) -> ProgressResponse:
-    """Keep a running stage alive; the response, at most `wait_seconds` later, tells the device whether to abort it."""
+    """Keep a running stage alive; the response, at most `wait_seconds` later, carries whether the device must abort it."""
 
     return await state.device_jobs.report_progress(device.id, job_id, body.wait_seconds)
 
