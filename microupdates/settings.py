@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("var")
@@ -34,6 +34,12 @@ class ServerSettings(BaseSettings):
     worker_metrics_address: str = "127.0.0.1:9464"
     # "text" for people, "json" for log collectors (one object per line, ids as fields).
     log_format: str = "text"
+    # Ed25519 key that signs every stage job (PEM, PKCS#8). Unset: `<data_dir>/job-signing-key.pem`,
+    # created at the first start. Every API process of one installation must use the same key.
+    signing_key_file: Path | None = None
+    # Certificate chain and private key (PEM) for serving the API over HTTPS; both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("log_format")
     @classmethod
@@ -50,6 +56,20 @@ class ServerSettings(BaseSettings):
                 f"unsupported database URL {value!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
             )
         return value
+
+    @model_validator(mode="after")
+    def check_tls_files(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "set both MICROUPDATES_TLS_CERT_FILE and MICROUPDATES_TLS_KEY_FILE to serve HTTPS, or neither"
+            )
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} not found: give the path of a PEM file")
+        return self
+
+    def resolved_signing_key_file(self) -> Path:
+        return (self.signing_key_file or self.data_dir / "job-signing-key.pem").resolve()
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -12,6 +12,7 @@ from microupdates import __version__
 from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.job_signing import JobSigner
 from microupdates.api.metrics import ApiMetrics
 from microupdates.api.routes import deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
@@ -28,6 +29,8 @@ OPERATOR_API_PREFIX = "/api/v1"
 
 def create_app(settings: ServerSettings) -> FastAPI:
     metrics = ApiMetrics()
+    # Loaded (or created) before the app starts, so a bad key file stops the process with its message.
+    signer = JobSigner.from_key_file(settings.resolved_signing_key_file())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,9 +45,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             database=database,
             temporal=temporal,
             notifier=notifier,
-            device_jobs=DeviceJobs(database, temporal, notifier),
+            device_jobs=DeviceJobs(database, temporal, notifier, signer),
             artifacts=ArtifactStore(settings.resolved_artifact_dir()),
             metrics=metrics,
+            signer=signer,
         )
         logger.info("API ready; Temporal at %s, task queue %s", settings.temporal_address, settings.task_queue)
         yield

@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
+from microupdates.api.job_signing import JobSigner
 from microupdates.api.metrics import ApiMetrics
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db import devices as device_store
@@ -28,6 +29,7 @@ class ApiState:
     device_jobs: DeviceJobs
     artifacts: ArtifactStore
     metrics: ApiMetrics
+    signer: JobSigner
 
 
 def get_state(request: Request) -> ApiState:

@@ -10,9 +10,11 @@ from temporalio.client import AsyncActivityCancelledError, AsyncActivityHandle, 
 from temporalio.service import RPCError, RPCStatusCode
 
 from microupdates.api.job_notifier import JobNotifier, deployment_key, device_key
+from microupdates.api.job_signing import JobSigner
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.models import StageJob as StageJobRow
+from microupdates.db.models import utc_now
 from microupdates.db.session import Database
 from microupdates.errors import ConflictError
 from microupdates.protocol.device_api import (
@@ -33,10 +35,11 @@ MAX_OUTCOME_ERROR_CHARS = 1000
 
 
 class DeviceJobs:
-    def __init__(self, database: Database, client: Client, notifier: JobNotifier) -> None:
+    def __init__(self, database: Database, client: Client, notifier: JobNotifier, signer: JobSigner) -> None:
         self.database = database
         self.client = client
         self.notifier = notifier
+        self.signer = signer
         self._recipes: dict[str, Recipe] = {}
 
     async def check_in(self, device_id: str, wait_seconds: int) -> CheckInResponse:
@@ -49,7 +52,7 @@ class DeviceJobs:
             while True:
                 job = await self._take_next_job(device_id)
                 if job is not None:
-                    return CheckInResponse(job=job)
+                    return CheckInResponse(job=job, job_signature=self.signer.sign_job(job))
 
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -138,6 +141,8 @@ class DeviceJobs:
             update_version=recipe.version,
             stage=row.stage,
             progress_interval_seconds=progress_wait_seconds(timeouts),
+            sequence=self._next_sequence(row.device_id),
+            issued_at=utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         )
         if row.stage == "before":
             job.command = recipe.before
@@ -151,6 +156,10 @@ class DeviceJobs:
             job.command = CommandStage(run=recipe.rollback.command,
                                        timeout_seconds=recipe.rollback.command_timeout_seconds)
         return job
+
+    def _next_sequence(self, device_id: str) -> int:
+        with self.database.session() as session:
+            return job_store.next_job_sequence(session, device_id)
 
     def _load_recipe(self, deployment_id: str) -> tuple[Recipe, DeviceTimeouts]:
         # Updates never change after creation, so their recipes are cached per process.

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import AbortRequest, StageJob, utc_now
+from microupdates.db.models import AbortRequest, DeviceJobSequence, StageJob, utc_now
 from microupdates.errors import NotFoundError
 
 CHECK_IN_STAGE = "check_in"
@@ -80,6 +81,22 @@ def mark_job_reported(session: Session, job_id: int, report: dict[str, Any]) -> 
         .values(state="reported", reported_at=utc_now(), report=report)
     )
     return result.rowcount == 1
+
+
+def next_job_sequence(session: Session, device_id: str) -> int:
+    """Increment and return the device's job sequence number in one statement, so concurrent API processes never share one."""
+
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(DeviceJobSequence)
+        .values(device_id=device_id, last_sequence=1)
+        .on_conflict_do_update(
+            index_elements=[DeviceJobSequence.device_id],
+            set_={"last_sequence": DeviceJobSequence.last_sequence + 1},
+        )
+        .returning(DeviceJobSequence.last_sequence)
+    )
+    return session.execute(statement).scalar_one()
 
 
 def expire_job(session: Session, job_id: int) -> None:

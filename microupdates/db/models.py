@@ -150,3 +150,16 @@ class StageJob(Base):
     picked_up_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class DeviceJobSequence(Base):
+    """The sequence number of the last job handed to a device; signed jobs carry the next one.
+
+    The agent rejects a job whose sequence is not greater than the last it
+    accepted, so a re-sent old job never runs twice.
+    """
+
+    __tablename__ = "device_job_sequences"
+
+    device_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    last_sequence: Mapped[int] = mapped_column(Integer, default=0)

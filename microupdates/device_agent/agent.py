@@ -21,6 +21,7 @@ from microupdates.device_agent.client import (
 from microupdates.device_agent.config import AgentConfig
 from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
 from microupdates.device_agent.executors.commands import kill_process_group
+from microupdates.device_agent.job_verification import REJECTION_PREFIX, JobRejectedError, JobVerifier
 from microupdates.device_agent.journal import Journal
 from microupdates.device_agent.stages import StageContext, run_stage
 from microupdates.protocol.device_api import (
@@ -28,6 +29,7 @@ from microupdates.protocol.device_api import (
     STAGE_FAILED,
     STAGE_INTERRUPTED,
     STAGE_SUCCEEDED,
+    CheckInResponse,
     StageJob,
     StageReport,
 )
@@ -55,6 +57,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.artifact_dir = config.state_dir / "artifacts"
         self.client = DeviceApiClient(config.server_url, verify=str(config.ca_file) if config.ca_file else True)
+        self.verifier = JobVerifier(config.state_dir, config.server_public_key)
 
     def run(self) -> None:
         """Run until the stop event is set."""
@@ -79,6 +82,24 @@ class Agent:
         while token is None:
             token = self._enrol()
         self.client.device_token = token
+        while not self.verifier.is_pinned():
+            self._pin_server_key()
+
+    def _pin_server_key(self) -> None:
+        """Pin the key and device id the server presents, for an agent that was given a token instead of enrolling."""
+
+        try:
+            identity = self.client.read_identity()
+        except DeviceApiError as error:
+            logger.warning("Reading this device's identity failed: %s", error)
+            self._sleep(self.config.retry_max_seconds)
+            return
+        if not self.config.server_public_key:
+            logger.warning(
+                "No server_public_key is set; trusting the key the server presents now (%s) for every later job",
+                identity.server_public_key,
+            )
+        self.verifier.pin(identity.device_id, identity.server_public_key)
 
     def _enrol(self) -> Optional[str]:
         if not self.config.enrolment_key or not self.config.device_name:
@@ -92,6 +113,10 @@ class Agent:
             self._sleep(self.config.retry_max_seconds)
             return None
         self.config.save_token(response.device_id, response.device_token)
+        try:
+            self.verifier.pin(response.device_id, response.server_public_key)
+        except JobRejectedError as error:
+            raise SystemExit("Enrolment of %s: %s" % (self.config.device_name, error)) from error
         logger.info("Enrolled as device %s in groups %s", response.device_id, response.groups)
         return response.device_token
 
@@ -149,7 +174,20 @@ class Agent:
                 continue
 
             if response.job is not None:
-                self._run_job(response.job)
+                self._run_verified_job(response)
+
+    def _run_verified_job(self, response: CheckInResponse) -> None:
+        """Run the job only when it passes verification; otherwise run nothing and report the rejection."""
+
+        try:
+            job = self.verifier.accept(response)
+        except JobRejectedError as error:
+            job_id = response.job.job_id if response.job is not None else None
+            logger.error("Rejected job %s: %s%s", job_id, REJECTION_PREFIX, error)
+            if job_id is not None:
+                self._send_report(job_id, StageReport(status=STAGE_FAILED, error=REJECTION_PREFIX + str(error)))
+            return
+        self._run_job(job)
 
     def _run_job(self, job: StageJob) -> None:
         logger.info("Job %d: %s stage of deployment %s (update %s)", job.job_id, job.stage, job.deployment_id,
@@ -208,22 +246,25 @@ class Agent:
         return {name: os.environ[name] for name in self.config.pass_environment if name in os.environ}
 
     def _deliver_report(self, job: StageJob, report: StageReport) -> None:
+        self._send_report(job.job_id, report)
+        self.journal.clear()
+
+    def _send_report(self, job_id: int, report: StageReport) -> None:
         """Send the report until the server has it; the server ignores repeats, so retrying is safe."""
 
         failures = 0
         while True:
             try:
-                self.client.report_stage(job.job_id, report)
-                break
+                self.client.report_stage(job_id, report)
+                return
             except JobGoneError as error:
-                logger.warning("Job %d: the server no longer takes its report: %s", job.job_id, error)
-                break
+                logger.warning("Job %d: the server no longer takes its report: %s", job_id, error)
+                return
             except DeviceApiError as error:
                 failures += 1
                 delay = self._backoff(failures)
-                logger.warning("Job %d: report failed (%s); retrying in %.0f s", job.job_id, error, delay)
+                logger.warning("Job %d: report failed (%s); retrying in %.0f s", job_id, error, delay)
                 self._sleep(delay)
-        self.journal.clear()
 
     def _open_artifact(self, sha256: str) -> str:
         destination = self.artifact_dir / sha256

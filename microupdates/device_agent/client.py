@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,7 @@ from microupdates.protocol.device_api import (
     DEVICE_API_PREFIX,
     CheckInRequest,
     CheckInResponse,
+    DeviceIdentity,
     EnrolRequest,
     EnrolResponse,
     ProgressReport,
@@ -65,7 +67,14 @@ class DeviceApiClient:
     def check_in(self, agent_version: str, wait_seconds: int) -> CheckInResponse:
         body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds)
         response = self._request("POST", "/check-in", json=body.model_dump(), read_timeout=wait_seconds + 15)
-        return CheckInResponse.model_validate(response.json())
+        received = response.json()
+        check_in = CheckInResponse.model_validate(received)
+        check_in.keep_received_job(received.get("job"))
+        return check_in
+
+    def read_identity(self) -> DeviceIdentity:
+        response = self._request("GET", "/identity", json=None)
+        return DeviceIdentity.model_validate(response.json())
 
     def report_progress(self, job_id: int, output_tail: str, wait_seconds: int) -> ProgressResponse:
         body = ProgressReport(output_tail=output_tail, wait_seconds=wait_seconds)
@@ -115,7 +124,7 @@ class DeviceApiClient:
         return {"Authorization": "Bearer " + self.device_token} if self.device_token else {}
 
     def _request(
-        self, method: str, path: str, *, json: dict, authenticated: bool = True,
+        self, method: str, path: str, *, json: Optional[dict], authenticated: bool = True,
         read_timeout: Optional[float] = None, job: bool = False,
     ) -> httpx.Response:
         headers = self._auth_headers() if authenticated else {}
@@ -127,6 +136,8 @@ class DeviceApiClient:
                 response = self._http.request(method, path, json=json, headers=headers, timeout=timeout)
             else:
                 response = self._http.request(method, path, json=json, headers=headers)
+        except httpx.ConnectError as error:
+            raise DeviceApiError("%s %s failed: %s" % (method, path, describe_connect_error(error))) from error
         except httpx.HTTPError as error:
             raise DeviceApiError("%s %s failed: %s" % (method, path, error)) from error
 
@@ -140,6 +151,17 @@ class DeviceApiClient:
                 response.status_code,
             )
         return response
+
+
+def describe_connect_error(error: httpx.ConnectError) -> str:
+    """Return the connection error, with what to do when the server's TLS certificate did not verify."""
+
+    if isinstance(error.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+        return (
+            "the server's TLS certificate was not accepted (%s); set ca_file to the CA bundle that "
+            "signed it" % error
+        )
+    return str(error)
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -10,6 +10,7 @@ from typing import List, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from microupdates.device_agent.job_verification import ServerKeyError, decode_public_key
 from microupdates.protocol.device_api import DEFAULT_LONG_POLL_SECONDS, MAX_LONG_POLL_SECONDS
 
 CREDENTIALS_FILE = "credentials.json"
@@ -43,7 +44,11 @@ class AgentConfig(BaseModel):
     device_root: Optional[Path] = None
     long_poll_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
     retry_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # CA bundle (PEM) that verifies the server's TLS certificate; unset uses the system's CAs.
     ca_file: Optional[Path] = None
+    # The server's job-signing key (base64, as `microupdates devices register` prints it). Unset, the
+    # agent pins the key the server presents at enrolment, or at its first start with a device token.
+    server_public_key: Optional[str] = None
     reboot_command: List[str] = Field(default_factory=lambda: list(DEFAULT_REBOOT_COMMAND), min_length=1)
     # Simulated devices (tests, the demo) restart the agent process instead of rebooting the host.
     restart_instead_of_reboot: bool = False
@@ -55,6 +60,23 @@ class AgentConfig(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://, got %r" % value)
         return value.rstrip("/")
+
+    @field_validator("server_public_key")
+    @classmethod
+    def check_server_public_key(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                decode_public_key(value)
+            except ServerKeyError as error:
+                raise ValueError(str(error)) from error
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def check_ca_file(cls, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not value.is_file():
+            raise ValueError("CA bundle %s not found: give the path of a PEM file" % value)
+        return value
 
     @field_validator("device_root")
     @classmethod

@@ -28,6 +28,9 @@ def parse_arguments(argv: list) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, help="directory for the journal, credentials and downloads")
     parser.add_argument("--device-root", type=Path,
                         help="simulate a device under this directory (destinations are mapped under it)")
+    parser.add_argument("--ca-file", type=Path, help="CA bundle (PEM) that verifies the server's TLS certificate")
+    parser.add_argument("--server-public-key",
+                        help="the server's job-signing key (base64); unset, the key presented at enrolment is pinned")
     parser.add_argument("--long-poll-seconds", type=int, help="how long each check-in waits for a job")
     parser.add_argument("--restart-instead-of-reboot", action="store_true", default=None,
                         help="for simulated devices: a rollback reboot restarts the agent process instead")
@@ -49,6 +52,8 @@ def main(argv: list = None) -> None:
         "state_dir": arguments.state_dir,
         "device_root": arguments.device_root,
         "long_poll_seconds": arguments.long_poll_seconds,
+        "ca_file": arguments.ca_file,
+        "server_public_key": arguments.server_public_key,
         "restart_instead_of_reboot": arguments.restart_instead_of_reboot,
     }
     if arguments.state_dir is None and arguments.device_root is not None:

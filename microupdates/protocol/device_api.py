@@ -9,9 +9,10 @@ accepted and changes nothing.
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+import json
+from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from microupdates.protocol.recipe import CommandStage, Dependencies, FileEntry
 
@@ -54,6 +55,15 @@ class EnrolResponse(WireModel):
     device_id: str
     device_token: str
     groups: List[str]
+    # The server's Ed25519 job-signing key, base64 of the 32 raw bytes; the agent pins it.
+    server_public_key: Optional[str] = None
+
+
+class DeviceIdentity(WireModel):
+    """The device's id and the server's job-signing key, for agents configured with a token instead of enrolling."""
+
+    device_id: str
+    server_public_key: str
 
 
 class CheckInRequest(WireModel):
@@ -73,10 +83,34 @@ class StageJob(WireModel):
     command: Optional[CommandStage] = None
     files: List[FileEntry] = Field(default_factory=list)
     dependencies: Optional[Dependencies] = None
+    # Per-device counter of handed-out jobs, starting at 1; the agent rejects a job whose
+    # sequence is not greater than the last one it accepted (a replay).
+    sequence: int = 0
+    # When the API handed the job out, ISO 8601 in UTC.
+    issued_at: Optional[str] = None
 
 
 class CheckInResponse(WireModel):
+    """`job_signature` is the base64 Ed25519 signature of canonical_job_bytes(job), made by the server's key."""
+
     job: Optional[StageJob] = None
+    job_signature: Optional[str] = None
+    # The `job` object exactly as received, fields unknown to this version included,
+    # because the signature covers every field the server sent. Set by the agent's client.
+    _received_job: Optional[Dict[str, Any]] = PrivateAttr(default=None)
+
+    @property
+    def received_job(self) -> Optional[Dict[str, Any]]:
+        return self._received_job
+
+    def keep_received_job(self, job: Optional[Dict[str, Any]]) -> None:
+        self._received_job = job
+
+
+def canonical_job_bytes(job: Dict[str, Any]) -> bytes:
+    """Serialise a job's JSON object for signing: sorted keys, no whitespace, UTF-8, non-ASCII unescaped."""
+
+    return json.dumps(job, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 class ProgressReport(WireModel):

@@ -35,8 +35,8 @@ AGENT_FILES = sorted(
 )
 
 FORBIDDEN_IMPORTS = {"temporalio", "fastapi", "sqlalchemy", "uvicorn", "starlette"}
-# Third-party packages the agent may import: its declared dependencies pydantic, httpx and PyYAML.
-ALLOWED_THIRD_PARTY = {"pydantic", "pydantic_core", "httpx", "yaml"}
+# Third-party packages the agent may import: its declared dependencies pydantic, httpx, PyYAML and cryptography.
+ALLOWED_THIRD_PARTY = {"pydantic", "pydantic_core", "httpx", "yaml", "cryptography"}
 
 PYTHON39_GLOB = "/root/.pyenv/versions/3.9*/bin/python3.9"
 VENV_TIMEOUT_SECONDS = 60

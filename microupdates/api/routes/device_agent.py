@@ -13,6 +13,7 @@ from microupdates.db.models import Device
 from microupdates.protocol.device_api import (
     CheckInRequest,
     CheckInResponse,
+    DeviceIdentity,
     EnrolRequest,
     EnrolResponse,
     ProgressReport,
@@ -37,7 +38,16 @@ def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
 
     with state.database.session() as session:
         token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
-    return EnrolResponse(device_id=device_id, device_token=token, groups=groups)
+    return EnrolResponse(
+        device_id=device_id, device_token=token, groups=groups, server_public_key=state.signer.public_key_text
+    )
+
+
+@router.get("/identity", response_model=DeviceIdentity)
+def read_identity(device: CurrentDevice, state: State) -> DeviceIdentity:
+    """Return the device's id and the server's job-signing key, for an agent given a token instead of enrolling."""
+
+    return DeviceIdentity(device_id=device.id, server_public_key=state.signer.public_key_text)
 
 
 @router.post("/check-in", response_model=CheckInResponse)
