@@ -32,6 +32,8 @@ class LocalFleet:
     server_url: str
     devices_dir: Path
     long_poll_seconds: int = 25
+    # More agent flags for every device, e.g. ["--ca-file", PATH].
+    agent_arguments: list[str] = field(default_factory=list)
     devices: list[LocalDevice] = field(default_factory=list)
 
     def add(self, name: str, token: str) -> LocalDevice:
@@ -50,6 +52,7 @@ class LocalFleet:
             "--long-poll-seconds", str(self.long_poll_seconds),
             # A rollback reboot restarts this agent process instead of the host.
             "--restart-instead-of-reboot",
+            *self.agent_arguments,
         ]
         log = open(device.log_path, "ab")
         device.process = subprocess.Popen(
