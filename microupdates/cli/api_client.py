@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,14 @@ class OperatorApiConnectionError(OperatorApiError):
 class OperatorApiClient:
     """Synchronous client of `/api/v1`; every method returns the decoded JSON body."""
 
-    def __init__(self, server_url: str, api_key: str | None = None) -> None:
+    def __init__(self, server_url: str, api_key: str | None = None, ca_file: str | None = None) -> None:
+        """`ca_file` is a PEM bundle that verifies the server's TLS certificate; None uses the system's CAs."""
+
         self.server_url = server_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
-            base_url=self.server_url + OPERATOR_API_PREFIX, timeout=REQUEST_TIMEOUT_SECONDS, headers=headers
+            base_url=self.server_url + OPERATOR_API_PREFIX, timeout=REQUEST_TIMEOUT_SECONDS, headers=headers,
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
         )
 
     def close(self) -> None:
@@ -183,6 +187,12 @@ class OperatorApiClient:
             raise OperatorApiConnectionError(
                 self.server_url, f"no response within {REQUEST_TIMEOUT_SECONDS:.0f} s ({type(error).__name__})"
             ) from error
+        except httpx.ConnectError as error:
+            reason = str(error) or type(error).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in reason:
+                reason = (f"the server's TLS certificate was not accepted ({reason}); "
+                          "pass the CA bundle that signed it with --ca-file or MICROUPDATES_CA_FILE")
+            raise OperatorApiConnectionError(self.server_url, reason) from error
         except httpx.HTTPError as error:
             raise OperatorApiConnectionError(self.server_url, str(error) or type(error).__name__) from error
 

@@ -3,8 +3,9 @@
 The address comes from the first of: the `--server` option, the
 `MICROUPDATES_SERVER` environment variable, the `server` key of the config
 file, and DEFAULT_SERVER. The API key comes from `MICROUPDATES_API_KEY`, then
-the `api_key` key of the config file. An empty environment variable counts as
-unset.
+the `api_key` key of the config file. The CA bundle that verifies an https
+server comes from `--ca-file`, `MICROUPDATES_CA_FILE`, then `ca_file` in the
+config file. An empty environment variable counts as unset.
 
 The config file is `$MICROUPDATES_CONFIG` when set, else
 `$XDG_CONFIG_HOME/microupdates/config.yaml`, else
@@ -25,7 +26,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8080"
 SERVER_ENV = "MICROUPDATES_SERVER"
 API_KEY_ENV = "MICROUPDATES_API_KEY"
 CONFIG_ENV = "MICROUPDATES_CONFIG"
-CONFIG_KEYS = ("server", "api_key")
+CA_FILE_ENV = "MICROUPDATES_CA_FILE"
+CONFIG_KEYS = ("server", "api_key", "ca_file")
 
 
 class ConfigError(Exception):
@@ -40,6 +42,8 @@ class ConnectionSettings:
     api_key_source: str | None
     # Set when the config file contains an API key and other users may read it.
     warning: str | None = None
+    # PEM bundle that verifies the server's TLS certificate; None uses the system's CAs.
+    ca_file: str | None = None
 
 
 def config_file_path(environ: Mapping[str, str]) -> Path:
@@ -106,9 +110,9 @@ def describe_readable_key(path: Path) -> str | None:
 
 
 def resolve_connection_settings(
-    server_option: str | None, environ: Mapping[str, str] | None = None
+    server_option: str | None, environ: Mapping[str, str] | None = None, ca_file_option: str | None = None
 ) -> ConnectionSettings:
-    """Return the server address and API key from the option, the environment and the config file."""
+    """Return the server address, API key and CA bundle from the options, the environment and the config file."""
 
     environ = os.environ if environ is None else environ
     path = config_file_path(environ)
@@ -131,10 +135,21 @@ def resolve_connection_settings(
         api_key, api_key_source = file_settings["api_key"], file_source
         warning = describe_readable_key(path)
 
+    ca_file, ca_file_source = None, None
+    if ca_file_option:
+        ca_file, ca_file_source = ca_file_option, "--ca-file"
+    elif environ.get(CA_FILE_ENV):
+        ca_file, ca_file_source = environ[CA_FILE_ENV], CA_FILE_ENV
+    elif file_settings.get("ca_file"):
+        ca_file, ca_file_source = file_settings["ca_file"], file_source
+    if ca_file is not None and not Path(ca_file).expanduser().is_file():
+        raise ConfigError(f"The CA bundle {ca_file} from {ca_file_source} does not exist; give the path of a PEM file.")
+
     return ConnectionSettings(
         server=check_server_url(server, server_source),
         server_source=server_source,
         api_key=api_key,
         api_key_source=api_key_source,
         warning=warning,
+        ca_file=str(Path(ca_file).expanduser()) if ca_file else None,
     )

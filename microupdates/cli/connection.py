@@ -17,11 +17,21 @@ from microupdates.recipe_files import RecipeError
 logger = logging.getLogger(__name__)
 
 
+# The top-level `--ca-file` option of the running command. The app's callback sets it
+# before every command, None when the option is absent.
+_ca_file_option: str | None = None
+
+
+def set_ca_file_option(path: str | None) -> None:
+    global _ca_file_option
+    _ca_file_option = path
+
+
 def load_settings(server_option: str | None) -> ConnectionSettings:
-    """Resolve the server address and API key, or fail with the config problem."""
+    """Resolve the server address, API key and CA bundle, or fail with the config problem."""
 
     try:
-        settings = resolve_connection_settings(server_option)
+        settings = resolve_connection_settings(server_option, ca_file_option=_ca_file_option)
     except ConfigError as error:
         fail(str(error))
     if settings.warning:
@@ -42,7 +52,7 @@ def operator_api(server_option: str | None) -> Iterator[OperatorApiClient]:
 
     settings = load_settings(server_option)
     try:
-        with OperatorApiClient(settings.server, settings.api_key) as api:
+        with OperatorApiClient(settings.server, settings.api_key, settings.ca_file) as api:
             yield api
     except OperatorApiError as error:
         fail(describe_api_error(error, settings))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ from microupdates.cli.api_client import OperatorApiError
 from microupdates.cli.commands import deployments, devices, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
+from microupdates.cli.connection import set_ca_file_option
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError
 
@@ -41,6 +42,12 @@ register_aliases(app)
 @app.callback()
 def configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each HTTP request to stderr.")] = False,
+    ca_file: Annotated[Optional[Path], typer.Option(
+        "--ca-file",
+        help="CA bundle (PEM) that verifies an https server's certificate. Default: $MICROUPDATES_CA_FILE, "
+        "then `ca_file` in the config file, then the system's CAs.",
+        show_default=False,
+    )] = None,
 ) -> None:
     """Ship application updates to fleets of Linux edge devices.
 
@@ -49,6 +56,8 @@ def configure(
     then http://127.0.0.1:8080. $MICROUPDATES_API_KEY or `api_key:` in the
     same file is sent as a bearer token.
     """
+
+    set_ca_file_option(str(ca_file) if ca_file else None)
 
     if verbose:
         logging.basicConfig(level="DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -56,7 +56,7 @@ class Agent:
         self.stop_event = stop_event or threading.Event()
         self.journal = Journal(config.state_dir)
         self.artifact_dir = config.state_dir / "artifacts"
-        self.client = DeviceApiClient(config.server_url, verify=str(config.ca_file) if config.ca_file else True)
+        self.client = DeviceApiClient(config.server_url, verify=config.tls_verification())
         self.verifier = JobVerifier(config.state_dir, config.server_public_key)
 
     def run(self) -> None:

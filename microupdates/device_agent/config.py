@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -74,9 +75,22 @@ class AgentConfig(BaseModel):
     @field_validator("ca_file")
     @classmethod
     def check_ca_file(cls, value: Optional[Path]) -> Optional[Path]:
-        if value is not None and not value.is_file():
+        if value is None:
+            return None
+        if not value.is_file():
             raise ValueError("CA bundle %s not found: give the path of a PEM file" % value)
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except ssl.SSLError as error:
+            raise ValueError("CA bundle %s is not a PEM certificate bundle: %s" % (value, error)) from error
         return value
+
+    def tls_verification(self) -> Union[ssl.SSLContext, bool]:
+        """Return what httpx verifies the server's certificate with: the pinned CA bundle, or True for the system's CAs."""
+
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     @field_validator("device_root")
     @classmethod

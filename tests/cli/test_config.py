@@ -98,8 +98,32 @@ def test_config_file_with_unknown_key_is_rejected(config_home):
 
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        f"Error: The config file {path} has unknown keys sever; the known keys are server, api_key."
+        f"Error: The config file {path} has unknown keys sever; the known keys are server, api_key, ca_file."
     )
+
+
+def test_missing_ca_file_in_config_is_rejected(config_home):
+    path = write_config(config_home, "ca_file: /nonexistent/ca.pem\n")
+
+    result = invoke(["devices", "list"], isolated_environment(config_home))
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: The CA bundle /nonexistent/ca.pem from the config file {path} does not exist; "
+        "give the path of a PEM file."
+    )
+
+
+def test_ca_file_option_wins_over_environment(config_home, tmp_path):
+    option_file = tmp_path / "option.pem"
+    option_file.write_text("")
+
+    settings = resolve_connection_settings(
+        None, {"XDG_CONFIG_HOME": str(config_home), "MICROUPDATES_CA_FILE": "/nonexistent/env.pem"},
+        ca_file_option=str(option_file),
+    )
+
+    assert settings.ca_file == str(option_file)
 
 
 def test_server_without_scheme_is_rejected(config_home):
