@@ -5,7 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY microupdates ./microupdates
 RUN pip install --no-cache-dir . && useradd --system --home /var/lib/microupdates microupdates \
-    && mkdir -p /var/lib/microupdates/artifacts && chown -R microupdates /var/lib/microupdates
+    && mkdir -p /var/lib/microupdates/artifacts /var/lib/microupdates/keys \
+    && chmod 0700 /var/lib/microupdates/keys && chown -R microupdates /var/lib/microupdates
 
 USER microupdates
 ENV MICROUPDATES_DATA_DIR=/var/lib/microupdates

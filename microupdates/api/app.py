@@ -50,7 +50,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             metrics=metrics,
             signer=signer,
         )
-        logger.info("API ready; Temporal at %s, task queue %s", settings.temporal_address, settings.task_queue)
+        logger.info("API ready; Temporal at %s, task queue %s, job-signing public key %s",
+                    settings.temporal_address, settings.task_queue, signer.public_key_text)
         yield
         await notifier.stop()
         database.dispose()

@@ -47,8 +47,8 @@ class AgentConfig(BaseModel):
     retry_max_seconds: float = Field(default=30.0, gt=0, le=3600)
     # CA bundle (PEM) that verifies the server's TLS certificate; unset uses the system's CAs.
     ca_file: Optional[Path] = None
-    # The server's job-signing key (base64, as `microupdates devices register` prints it). Unset, the
-    # agent pins the key the server presents at enrolment, or at its first start with a device token.
+    # The server's job-signing public key, base64 of the 32 raw bytes (the API logs it at start).
+    # Unset, the agent pins the key the server presents at enrolment, or at its first start with a token.
     server_public_key: Optional[str] = None
     reboot_command: List[str] = Field(default_factory=lambda: list(DEFAULT_REBOOT_COMMAND), min_length=1)
     # Simulated devices (tests, the demo) restart the agent process instead of rebooting the host.
@@ -72,25 +72,17 @@ class AgentConfig(BaseModel):
                 raise ValueError(str(error)) from error
         return value
 
-    @field_validator("ca_file")
-    @classmethod
-    def check_ca_file(cls, value: Optional[Path]) -> Optional[Path]:
-        if value is None:
-            return None
-        if not value.is_file():
-            raise ValueError("CA bundle %s not found: give the path of a PEM file" % value)
-        try:
-            ssl.create_default_context(cafile=str(value))
-        except ssl.SSLError as error:
-            raise ValueError("CA bundle %s is not a PEM certificate bundle: %s" % (value, error)) from error
-        return value
-
     def tls_verification(self) -> Union[ssl.SSLContext, bool]:
         """Return what httpx verifies the server's certificate with: the pinned CA bundle, or True for the system's CAs."""
 
         if self.ca_file is None:
             return True
-        return ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as error:
+            raise AgentConfigError(
+                "ca_file: cannot load the CA bundle %s: %s; give a PEM file of CA certificates" % (self.ca_file, error)
+            ) from error
 
     @field_validator("device_root")
     @classmethod

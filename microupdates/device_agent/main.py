@@ -74,7 +74,11 @@ def main(argv: list = None) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    Agent(config, stop_event).run()
+    try:
+        agent = Agent(config, stop_event)
+    except AgentConfigError as error:
+        sys.exit("microupdates-agent: %s" % error)
+    agent.run()
 
 
 if __name__ == "__main__":
