@@ -4,9 +4,9 @@ The server signs each job with its Ed25519 key. The agent pins the public
 key, together with its own device id, in STATE_DIR/server_trust.json when it
 enrols (or from the `server_public_key` setting), and records there the
 sequence number of the last job it accepted. A job is rejected when its
-signature does not verify against the pinned key, when it names another
-device, when its deployment id is malformed, or when its sequence number is
-not greater than the last accepted one (a re-sent old job).
+signature does not verify against the pinned key or when it names another
+device. It is also rejected when its deployment id is malformed, or when its
+sequence number is not greater than the last accepted one (a re-sent old job).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ DEPLOYMENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class JobRejectedError(Exception):
-    """Raised when a job fails verification; the message says which check failed, and the job must not run."""
+    """Raised when a job fails verification; the message names the failed check, and the job must not run."""
 
 
 class ServerKeyError(ValueError):

@@ -162,7 +162,7 @@ def test_replayed_job_rejected_and_not_run_twice(api, start_proxy, tmp_path, uni
     replayed: list[dict] = []
 
     def replay_before_job(forward: Callable[[], dict]) -> dict:
-        # The check-in after the recorded job is answered with that job again, without asking the API.
+        # The check-in after the recorded job gets that job again, without a request to the API.
         if recorded and not replayed:
             replayed.append(recorded[0])
             return recorded[0]
