@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from microupdates.cli.api_client import OperatorApiClient
 from microupdates.cli.stack import Stack, StackPorts
 from microupdates.db import devices as device_store
 from microupdates.db.session import Database
 from microupdates.settings import ServerSettings
+from microupdates.workflows.contracts import FINAL_DEPLOYMENT_STATUSES
 
 # Devices registered per database transaction.
 REGISTRATION_BATCH = 500
@@ -141,6 +143,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() >= deadline:
             raise BenchError(f"Timed out after {timeout:.0f} s waiting for {what}.")
         time.sleep(interval)
+
+
+def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: float,
+                        interval: float = 0.25) -> dict[str, Any]:
+    """Poll a deployment until its status is final and return its detail (with one device)."""
+
+    def finished() -> dict[str, Any] | None:
+        detail = api.read_deployment(deployment_id, limit=1)
+        return detail if detail["status"] in FINAL_DEPLOYMENT_STATUSES else None
+
+    return wait_for(finished, timeout, f"deployment {deployment_id} to finish", interval)
 
 
 def read_line(process: subprocess.Popen, timeout: float, what: str) -> str:

@@ -43,11 +43,10 @@ from benchlib import (
     sample_processes,
     stack_pids,
     start_stack,
-    wait_for,
+    wait_for_deployment,
     write_json,
 )
 from microupdates.cli.api_client import OperatorApiClient
-from microupdates.workflows.contracts import FINAL_DEPLOYMENT_STATUSES
 
 GROUP = "bench"
 STAGES = ["before", "files", "dependencies", "after"]
@@ -58,7 +57,6 @@ START_TIMEOUT_SECONDS = 60.0
 START_SECONDS_PER_DEVICE = 0.02
 ROLLOUT_TIMEOUT_SECONDS = 300.0
 ROLLOUT_SECONDS_PER_DEVICE = 0.5
-POLL_INTERVAL_SECONDS = 0.25
 # File descriptors per device in this process tree: the API's socket and the simulator's.
 FILES_PER_DEVICE = 1
 SPARE_FILES = 1000
@@ -89,14 +87,6 @@ def process_count(devices: int, requested: int | None) -> int:
     if requested:
         return requested
     return max(1, min(MAX_PROCESSES, math.ceil(devices / DEVICES_PER_PROCESS)))
-
-
-def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: float) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        detail = api.read_deployment(deployment_id, limit=1)
-        return detail if detail["status"] in FINAL_DEPLOYMENT_STATUSES else None
-
-    return wait_for(finished, timeout, f"deployment {deployment_id} to finish", POLL_INTERVAL_SECONDS)
 
 
 def check_devices(size: int, detail: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
