@@ -306,4 +306,10 @@ class SimulatorProcesses:
         """Stop processes that are still running (cleanup after an error)."""
 
         for process in self.processes:
+            # The end of stdin also stops a simulator whose stdin reader would hold up its exit.
+            if not process.stdin.closed:
+                try:
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass
             stop_process(process, timeout=10)

@@ -60,8 +60,8 @@ RETRY_MAX_SECONDS = 10.0
 REPORT_ATTEMPTS = 10
 # Error messages kept in the result, so a failing run shows what went wrong.
 MAX_ERROR_SAMPLES = 20
-# Connections per process beyond one per device, for the progress and report requests.
-SPARE_CONNECTIONS = 32
+# Connections per client beyond one per device; a device sends one request at a time.
+SPARE_CONNECTIONS = 4
 
 
 @dataclass
@@ -271,41 +271,59 @@ async def start_devices(devices: list[SimulatedDevice], start_rate: float, timeo
 async def run(arguments: argparse.Namespace) -> dict:
     credentials = json.loads(arguments.credentials.read_text())
     stats = FleetStats()
-    connections = len(credentials) + SPARE_CONNECTIONS
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # A pool wait is bounded by the longest request it can queue behind.
-    timeout = httpx.Timeout(MAX_LONG_POLL_SECONDS + READ_MARGIN_SECONDS, connect=CONNECT_TIMEOUT_SECONDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    async with httpx.AsyncClient(base_url=arguments.server_url.rstrip("/") + DEVICE_API_PREFIX,
-                                 limits=limits, timeout=timeout) as http:
-        devices = [SimulatedDevice(name, token, http, stats, arguments.long_poll_seconds, not arguments.no_progress)
-                   for name, token in credentials]
-        started = time.monotonic()
-        await start_devices(devices, arguments.start_rate, arguments.start_timeout)
-        ready_seconds = time.monotonic() - started
-        print(f"ready {ready_seconds:.3f}", flush=True)
+    # httpx's pool scans all its connections for every request, so one pool
+    # for thousands of devices costs O(devices) per request; small pools keep it flat.
+    groups = [credentials[start:start + arguments.devices_per_client]
+              for start in range(0, len(credentials), arguments.devices_per_client)]
+    clients = [new_client(arguments.server_url, len(group)) for group in groups]
+    devices = [SimulatedDevice(name, token, client, stats, arguments.long_poll_seconds, not arguments.no_progress)
+               for client, group in zip(clients, groups) for name, token in group]
+    try:
+        return await drive(devices, stats, stop, arguments)
+    finally:
+        for client in clients:
+            await client.aclose()
 
-        tasks = []
-        if arguments.mode == "rollout":
-            tasks = [asyncio.create_task(device.poll_forever()) for device in devices]
-            commands = asyncio.create_task(wait_for_stop(stop))
-            await stop.wait()
-            commands.cancel()
-        else:
-            if await read_command() != "go":
-                return result(stats, ready_seconds)
-            record_after = time.monotonic() + arguments.warmup
-            end = record_after + arguments.duration
-            loops = [devices[index::arguments.concurrency] for index in range(min(arguments.concurrency, len(devices)))]
-            tasks = [asyncio.create_task(check_in_repeatedly(group, stats, record_after, end)) for group in loops]
-            await asyncio.wait(tasks)
 
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def new_client(server_url: str, devices: int) -> httpx.AsyncClient:
+    connections = devices + SPARE_CONNECTIONS
+    return httpx.AsyncClient(
+        base_url=server_url.rstrip("/") + DEVICE_API_PREFIX,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        # A pool wait is bounded by the longest request it can queue behind.
+        timeout=httpx.Timeout(MAX_LONG_POLL_SECONDS + READ_MARGIN_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+    )
+
+
+async def drive(devices: list[SimulatedDevice], stats: FleetStats, stop: asyncio.Event,
+                arguments: argparse.Namespace) -> dict:
+    started = time.monotonic()
+    await start_devices(devices, arguments.start_rate, arguments.start_timeout)
+    ready_seconds = time.monotonic() - started
+    print(f"ready {ready_seconds:.3f}", flush=True)
+
+    tasks = []
+    if arguments.mode == "rollout":
+        tasks = [asyncio.create_task(device.poll_forever()) for device in devices]
+        commands = asyncio.create_task(wait_for_stop(stop))
+        await stop.wait()
+        commands.cancel()
+    else:
+        if await read_command() != "go":
+            return result(stats, ready_seconds)
+        record_after = time.monotonic() + arguments.warmup
+        end = record_after + arguments.duration
+        loops = [devices[index::arguments.concurrency] for index in range(min(arguments.concurrency, len(devices)))]
+        tasks = [asyncio.create_task(check_in_repeatedly(group, stats, record_after, end)) for group in loops]
+        await asyncio.wait(tasks)
+
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     return result(stats, ready_seconds)
 
 
@@ -349,14 +367,17 @@ def main() -> None:
                         help="devices started per second (0: all at once)")
     parser.add_argument("--start-timeout", type=float, default=120.0,
                         help="seconds every device has for its first successful check-in")
+    parser.add_argument("--devices-per-client", type=int, default=25,
+                        help="devices sharing one httpx client and its connection pool")
     parser.add_argument("--concurrency", type=int, default=16, help="idle mode: check-ins in flight at a time")
     parser.add_argument("--warmup", type=float, default=2.0, help="idle mode: seconds before latencies count")
     parser.add_argument("--duration", type=float, default=10.0, help="idle mode: seconds of recorded check-ins")
     arguments = parser.parse_args()
     if not 0 <= arguments.long_poll_seconds <= MAX_LONG_POLL_SECONDS:
         parser.error(f"--long-poll-seconds must be 0-{MAX_LONG_POLL_SECONDS}, got {arguments.long_poll_seconds}")
-    if arguments.concurrency < 1:
-        parser.error(f"--concurrency must be at least 1, got {arguments.concurrency}")
+    for name in ("concurrency", "devices_per_client"):
+        if getattr(arguments, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(arguments, name)}")
 
     raise_own_fd_limit()
     outcome = asyncio.run(run(arguments))
