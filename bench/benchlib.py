@@ -34,8 +34,8 @@ class BenchError(RuntimeError):
 def raise_fd_limit(needed: int) -> int:
     """Raise this process's soft limit on open files to the hard limit and return it.
 
-    Child processes inherit the limit, so a stack started afterwards (the
-    API holds one socket per long poll) gets it too. Raises BenchError when
+    Child processes inherit the limit, so a stack started afterwards gets it
+    too; its API keeps one socket open per long poll. Raises BenchError when
     the hard limit is below `needed`.
     """
 

@@ -5,7 +5,7 @@ registers the devices straight into the database, and measures two things
 with simulated devices (bench/simulated_fleet.py) that have no work:
 
 1. Sustained check-ins: `--concurrency` check-ins in flight at a time,
-   each with `wait_seconds` 0, so the API answers `{"job": null}` at once
+   each with `wait_seconds` 0, so the API returns `{"job": null}` at once
    after authenticating the device, recording it as seen and looking for a
    queued job. Reports check-ins per second and the median and p99 latency.
 2. Held long polls: `--long-polls` devices each keep a check-in with
@@ -116,8 +116,10 @@ def measure_long_polls(stack, credentials, arguments, work_dir: Path) -> dict[st
         start_timeout = START_TIMEOUT_SECONDS + START_SECONDS_PER_DEVICE * count
         started = time.monotonic()
         simulators.start(start_timeout)
-        wait_for(lambda: read_long_polls_held(stack.api_url) >= count, start_timeout,
-                 f"{count} long polls to be held by the API", interval=0.5)
+        # A few polls are always between their return and the next request, so 99 % count as all.
+        expected = count - count // 100
+        wait_for(lambda: read_long_polls_held(stack.api_url) >= expected, start_timeout,
+                 f"{expected} long polls to be held by the API", interval=0.5)
         open_seconds = time.monotonic() - started
         samples = []
         for _ in range(HOLD_SAMPLES):
@@ -133,6 +135,7 @@ def measure_long_polls(stack, credentials, arguments, work_dir: Path) -> dict[st
         "client_processes": processes,
         "open_seconds": open_seconds,
         "held_min": min(held for _, held in samples),
+        "held_max": max(held for _, held in samples),
         "api_idle_rss_mib": mebibytes(idle.rss_bytes),
         "api_rss_mib": mebibytes(held_rss),
         "api_peak_rss_mib": mebibytes(max(sample.peak_rss_bytes for sample, _ in samples)),
@@ -156,7 +159,9 @@ def main() -> int:
     parser.add_argument("--client-processes", type=int, default=0,
                         help=f"simulator processes (default: 2 for the sustained phase, one per "
                              f"{LONG_POLLS_PER_PROCESS} long polls up to {MAX_PROCESSES})")
-    parser.add_argument("--start-rate", type=float, default=1000.0,
+    # A first check-in costs the API about as much as an idle one, so the
+    # default stays below what one API process sustains on 2 cores.
+    parser.add_argument("--start-rate", type=float, default=200.0,
                         help="devices started per second when opening long polls (not measured)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--work-dir", type=Path, help="keep databases, logs and simulator results here")

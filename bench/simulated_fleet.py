@@ -1,22 +1,24 @@
 """Simulated devices: many per process, each speaking the device protocol over real HTTP to the API.
 
-A device here does what the agent does on the wire (check-in long poll,
-artifact download with a SHA-256 check, one progress report, the stage
-report) but runs every stage in-process at once: no subprocess, no files
-written, no packages installed. So a rollout to these devices measures the
-server side: API, worker, Temporal and the database.
+A device here sends what the agent sends: check-in long polls, artifact
+downloads with a SHA-256 check, one progress report per stage and the stage
+report. It runs every stage in-process at once, so it starts no subprocess,
+writes no files and installs no packages. A rollout to these devices
+therefore measures the server side: API, worker, Temporal and the database.
 
 The benchmark scripts start this file as a helper process and talk to it
 through stdin and stdout:
 
-1. It opens one connection pool, starts its devices at `--start-rate` per
-   second, and has each send a check-in with `wait_seconds` 0 to prove its
-   token works. Then it prints `ready SECONDS`.
-2. `--mode rollout`: every device keeps a check-in long poll open and runs
-   the jobs it is given. `--mode idle`: after the line `go` on stdin,
-   `--concurrency` loops send back-to-back check-ins with `wait_seconds` 0,
-   for `--warmup` plus `--duration` seconds, recording each latency after
-   the warm-up; it then writes its result and exits.
+1. It starts its devices at `--start-rate` per second, each sending a
+   check-in with `wait_seconds` 0 to prove its token works, and prints
+   `ready SECONDS` once all of them have. Every 25 devices share one httpx
+   client (`--devices-per-client`).
+2. `--mode rollout`: right after its first check-in, every device keeps a
+   check-in long poll open and runs the jobs it is given.
+   `--mode idle`: after the line `go` on stdin, `--concurrency` loops send
+   back-to-back check-ins with `wait_seconds` 0 for `--warmup` plus
+   `--duration` seconds, recording each latency after the warm-up. It then
+   writes its result and exits.
 3. A line `stop`, the end of stdin or SIGTERM stops it; it writes the JSON
    result to `--result` and exits 0.
 """
@@ -66,7 +68,7 @@ SPARE_CONNECTIONS = 4
 
 @dataclass
 class FleetStats:
-    """What the devices of this process did, written to the result file."""
+    """Counters and records of this process's devices, written to the result file."""
 
     first_check_ins: int = 0
     check_ins: int = 0
@@ -256,16 +258,41 @@ async def read_command() -> str:
     return line.strip() or "stop"
 
 
-async def start_devices(devices: list[SimulatedDevice], start_rate: float, timeout: float) -> None:
-    """Send every device's first check-in, starting `start_rate` per second, so the API's accept queue keeps up."""
+async def start_devices(devices: list[SimulatedDevice], stats: FleetStats, start_rate: float, timeout: float,
+                        poll: bool) -> list[asyncio.Task]:
+    """Start the devices at `start_rate` per second and return once each has checked in once.
+
+    The rate keeps the API's accept queue from overflowing. With `poll`, each
+    device starts its long polls right after its first check-in, so they do
+    not all arrive at the same moment; the returned tasks run them.
+    """
 
     deadline = time.monotonic() + timeout
+    all_checked_in = asyncio.Event()
+
+    async def start(device: SimulatedDevice) -> None:
+        await device.first_check_in(deadline)
+        if stats.first_check_ins == len(devices):
+            all_checked_in.set()
+        if poll:
+            await device.poll_forever()
+
     tasks = []
     for index, device in enumerate(devices):
-        tasks.append(asyncio.create_task(device.first_check_in(deadline)))
+        tasks.append(asyncio.create_task(start(device)))
         if start_rate > 0 and index % 50 == 49:
             await asyncio.sleep(50 / start_rate)
-    await asyncio.gather(*tasks)
+    while not all_checked_in.is_set():
+        failed = [task for task in tasks if task.done() and task.exception() is not None]
+        if failed:
+            for task in tasks:
+                task.cancel()
+            raise failed[0].exception()
+        try:
+            await asyncio.wait_for(all_checked_in.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+    return tasks
 
 
 async def run(arguments: argparse.Namespace) -> dict:
@@ -302,13 +329,12 @@ def new_client(server_url: str, devices: int) -> httpx.AsyncClient:
 async def drive(devices: list[SimulatedDevice], stats: FleetStats, stop: asyncio.Event,
                 arguments: argparse.Namespace) -> dict:
     started = time.monotonic()
-    await start_devices(devices, arguments.start_rate, arguments.start_timeout)
+    tasks = await start_devices(devices, stats, arguments.start_rate, arguments.start_timeout,
+                                poll=arguments.mode == "rollout")
     ready_seconds = time.monotonic() - started
     print(f"ready {ready_seconds:.3f}", flush=True)
 
-    tasks = []
     if arguments.mode == "rollout":
-        tasks = [asyncio.create_task(device.poll_forever()) for device in devices]
         commands = asyncio.create_task(wait_for_stop(stop))
         await stop.wait()
         commands.cancel()
@@ -318,7 +344,7 @@ async def drive(devices: list[SimulatedDevice], stats: FleetStats, stop: asyncio
         record_after = time.monotonic() + arguments.warmup
         end = record_after + arguments.duration
         loops = [devices[index::arguments.concurrency] for index in range(min(arguments.concurrency, len(devices)))]
-        tasks = [asyncio.create_task(check_in_repeatedly(group, stats, record_after, end)) for group in loops]
+        tasks += [asyncio.create_task(check_in_repeatedly(group, stats, record_after, end)) for group in loops]
         await asyncio.wait(tasks)
 
     for task in tasks:
@@ -363,7 +389,7 @@ def main() -> None:
                         help=f"wait_seconds of each check-in in rollout mode (0-{MAX_LONG_POLL_SECONDS})")
     parser.add_argument("--no-progress", action="store_true",
                         help="skip the one progress report per stage that the agent sends")
-    parser.add_argument("--start-rate", type=float, default=500.0,
+    parser.add_argument("--start-rate", type=float, default=200.0,
                         help="devices started per second (0: all at once)")
     parser.add_argument("--start-timeout", type=float, default=120.0,
                         help="seconds every device has for its first successful check-in")
