@@ -172,7 +172,8 @@ def main() -> int:
     if arguments.long_polls < 0 or arguments.duration <= 0 or arguments.warmup < 0:
         parser.error("--long-polls and --warmup must not be negative, and --duration must be positive")
 
-    raise_fd_limit(arguments.long_polls * 2 + SPARE_FILES)
+    # The API inherits this limit and keeps one socket per long poll.
+    raise_fd_limit(arguments.long_polls + SPARE_FILES)
     print(f"Machine: {machine_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="microupdates-check-in-") as temporary:
         root = arguments.work_dir or Path(temporary)

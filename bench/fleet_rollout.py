@@ -57,7 +57,7 @@ START_TIMEOUT_SECONDS = 60.0
 START_SECONDS_PER_DEVICE = 0.02
 ROLLOUT_TIMEOUT_SECONDS = 300.0
 ROLLOUT_SECONDS_PER_DEVICE = 0.5
-# File descriptors per device in this process tree: the API's socket and the simulator's.
+# Open files the API needs per device: the socket of its long poll. The simulators raise their own limits.
 FILES_PER_DEVICE = 1
 SPARE_FILES = 1000
 BARE_SCRIPT = Path(__file__).with_name("bare_workflow.py")

@@ -68,6 +68,7 @@ RUN_TIMEOUT_SECONDS = 300.0
 RUN_SECONDS_PER_HOST = 30.0
 AGENT_START_TIMEOUT_SECONDS = 120.0
 LONG_POLL_SECONDS = 25
+# Open files per host across this process and the stack (agent log, API socket), an estimate with room to spare.
 FILES_PER_HOST = 20
 SPARE_FILES = 1000
 
