@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
+from microupdates.roles import Role
 
 
 def check_label(value: str) -> str:
@@ -162,3 +163,26 @@ class StageResultPublic(BaseModel):
 class DeviceResultPublic(DeploymentDevicePublic):
     deployment_id: str
     stages: list[StageResultPublic]
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(description="A label for the key's holder, such as `ci` or `alice`; names need not be unique.")
+    role: Role
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str) -> str:
+        return check_label(value)
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    name: str
+    role: Role
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="Written at most once a minute, so up to a minute old.")
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The API key; shown once, only its hash is stored.")

@@ -7,21 +7,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+import click
 import typer
 
 from microupdates.cli.api_client import OperatorApiClient, OperatorApiConnectionError, OperatorApiError
-from microupdates.cli.config import ConfigError, ConnectionSettings, resolve_connection_settings
+from microupdates.cli.config import API_KEY_ENV, ConfigError, ConnectionSettings, resolve_connection_settings
 from microupdates.cli.output import EXIT_ERROR, fail, print_error, print_warning
 from microupdates.recipe_files import RecipeError
 
 logger = logging.getLogger(__name__)
+
+HTTP_UNAUTHORIZED = 401
+# The key under which the top-level command stores its --api-key option in the click context's `obj`.
+API_KEY_OPTION = "api_key"
 
 
 def load_settings(server_option: str | None) -> ConnectionSettings:
     """Resolve the server address and API key, or fail with the config problem."""
 
     try:
-        settings = resolve_connection_settings(server_option)
+        settings = resolve_connection_settings(server_option, api_key_option=api_key_option())
     except ConfigError as error:
         fail(str(error))
     if settings.warning:
@@ -30,9 +35,22 @@ def load_settings(server_option: str | None) -> ConnectionSettings:
     return settings
 
 
+def api_key_option() -> str | None:
+    """Return the top-level `--api-key` option of the running command, if one was given."""
+
+    context = click.get_current_context(silent=True)
+    if context is None or not isinstance(context.find_root().obj, dict):
+        return None
+    return context.find_root().obj.get(API_KEY_OPTION)
+
+
 def describe_api_error(error: OperatorApiError, settings: ConnectionSettings) -> str:
     if isinstance(error, OperatorApiConnectionError):
         return f"Cannot reach the API at {settings.server} (set by {settings.server_source}): {error.reason}."
+    if error.status_code == HTTP_UNAUTHORIZED:
+        if settings.api_key is None:
+            return f"{error} Give an API key with --api-key, {API_KEY_ENV} or `api_key:` in the config file."
+        return f"{error} (API key from {settings.api_key_source})"
     return str(error)
 
 

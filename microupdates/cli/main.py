@@ -1,6 +1,6 @@
 """The `microupdates` operator command line; it talks to the REST API only, except `demo`.
 
-Command groups: `devices`, `updates`, `deployments`, plus `deploy` and `demo`.
+Command groups: `devices`, `updates`, `deployments`, `api-keys`, plus `deploy` and `demo`.
 The server address and API key come from `--server`, the environment or the
 config file (see `microupdates.cli.config`).
 """
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from microupdates.cli.api_client import OperatorApiError
-from microupdates.cli.commands import deployments, devices, updates
+from microupdates.cli.commands import api_keys, deployments, devices, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
+from microupdates.cli.connection import API_KEY_OPTION
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError
 
@@ -34,21 +35,35 @@ def demo_console() -> Console:
 app.add_typer(devices.app, name="devices")
 app.add_typer(updates.app, name="updates")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(api_keys.app, name="api-keys")
 app.command("deploy")(deploy)
 register_aliases(app)
 
 
 @app.callback()
 def configure(
+    context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each HTTP request to stderr.")] = False,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            help="Operator API key (muk_...). Default: $MICROUPDATES_API_KEY, then `api_key` in the config file. "
+            "Other users on this machine can read command lines, so prefer those two.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Ship application updates to fleets of Linux edge devices.
 
     The API address comes from --server, then $MICROUPDATES_SERVER, then
     `server:` in ~/.config/microupdates/config.yaml (or $MICROUPDATES_CONFIG),
-    then http://127.0.0.1:8080. $MICROUPDATES_API_KEY or `api_key:` in the
-    same file is sent as a bearer token.
+    then http://127.0.0.1:8080. The API key comes from --api-key (before the
+    command, as in `microupdates --api-key KEY devices list`), then
+    $MICROUPDATES_API_KEY, then `api_key:` in the same file.
     """
+
+    context.obj = {API_KEY_OPTION: api_key}
 
     if verbose:
         logging.basicConfig(level="DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
