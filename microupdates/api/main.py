@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
 
 import uvicorn
 
 from microupdates.api.app import create_app
+from microupdates.api.routes.api_keys import to_public
 from microupdates.api.schemas import check_label
 from microupdates.db import api_keys as api_key_store
 from microupdates.db.models import ApiKey
@@ -126,23 +126,7 @@ def revoke_key(settings: ServerSettings, arguments: argparse.Namespace) -> None:
 
 
 def describe_key(row: ApiKey) -> dict[str, str | None]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "role": row.role,
-        "created_at": format_utc(row.created_at),
-        "last_used_at": format_utc(row.last_used_at),
-        "revoked_at": format_utc(row.revoked_at),
-    }
-
-
-def format_utc(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    # SQLite returns the stored UTC times without their offset.
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    return to_public(row).model_dump(mode="json")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -182,6 +182,14 @@ class ApiKeyPublic(BaseModel):
     created_at: datetime
     last_used_at: datetime | None = Field(description="Written at most once a minute, so up to a minute old.")
     revoked_at: datetime | None
+
+    @field_validator("created_at", "last_used_at", "revoked_at")
+    @classmethod
+    def mark_utc(cls, value: datetime | None) -> datetime | None:
+        # SQLite returns the stored UTC times without their offset.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
 
 
 class ApiKeyCreated(ApiKeyPublic):

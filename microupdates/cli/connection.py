@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NoReturn
 
-import click
 import typer
 
 from microupdates.cli.api_client import OperatorApiClient, OperatorApiConnectionError, OperatorApiError
@@ -18,30 +18,21 @@ from microupdates.recipe_files import RecipeError
 logger = logging.getLogger(__name__)
 
 HTTP_UNAUTHORIZED = 401
-# The key under which the top-level command stores its --api-key option in the click context's `obj`.
-API_KEY_OPTION = "api_key"
+# The top-level --api-key option of the running command; the root callback sets it on every invocation.
+api_key_option: ContextVar[str | None] = ContextVar("api_key_option", default=None)
 
 
 def load_settings(server_option: str | None) -> ConnectionSettings:
     """Resolve the server address and API key, or fail with the config problem."""
 
     try:
-        settings = resolve_connection_settings(server_option, api_key_option=api_key_option())
+        settings = resolve_connection_settings(server_option, api_key_option=api_key_option.get())
     except ConfigError as error:
         fail(str(error))
     if settings.warning:
         print_warning(settings.warning)
     logger.debug("Using the API at %s (from %s)", settings.server, settings.server_source)
     return settings
-
-
-def api_key_option() -> str | None:
-    """Return the top-level `--api-key` option of the running command, if one was given."""
-
-    context = click.get_current_context(silent=True)
-    if context is None or not isinstance(context.find_root().obj, dict):
-        return None
-    return context.find_root().obj.get(API_KEY_OPTION)
 
 
 def describe_api_error(error: OperatorApiError, settings: ConnectionSettings) -> str:

@@ -18,7 +18,7 @@ from microupdates.cli.api_client import OperatorApiError
 from microupdates.cli.commands import api_keys, deployments, devices, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
-from microupdates.cli.connection import API_KEY_OPTION
+from microupdates.cli.connection import api_key_option
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError
 
@@ -42,7 +42,6 @@ register_aliases(app)
 
 @app.callback()
 def configure(
-    context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each HTTP request to stderr.")] = False,
     api_key: Annotated[
         Optional[str],
@@ -63,7 +62,7 @@ def configure(
     $MICROUPDATES_API_KEY, then `api_key:` in the same file.
     """
 
-    context.obj = {API_KEY_OPTION: api_key}
+    api_key_option.set(api_key)
 
     if verbose:
         logging.basicConfig(level="DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
