@@ -79,7 +79,7 @@ async def authorize_operator(
     path = request.url.path
     role_name = (route.openapi_extra or {}).get(REQUIRED_ROLE_EXTENSION)
     if role_name is None:
-        # create_app does not start with such a route; refuse rather than let the request through.
+        # create_app does not start with such a route, so reject the request rather than let it through.
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{request.method} {path} has no role assigned.")
     required = Role(role_name)
 
@@ -167,7 +167,7 @@ def iter_routes(app: FastAPI) -> list[Any]:
     """Return the app's routes with included routers flattened, each with its full path."""
 
     try:
-        # FastAPI 0.16x keeps included routers as one entry of app.routes; this yields their routes.
+        # FastAPI 0.165 keeps each included router as one entry of app.routes, and this flattens them.
         from fastapi.routing import iter_route_contexts
     except ImportError:
         return list(app.routes)

@@ -25,7 +25,7 @@ LAST_USED_WRITE_INTERVAL = timedelta(seconds=60)
 
 
 def new_api_key() -> str:
-    # The prefix tells an API key from a device token ("mu_") in logs, configs and secret scanners.
+    # The prefix distinguishes an API key from a device token ("mu_") in logs, configs and secret scanners.
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
 

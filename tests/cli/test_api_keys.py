@@ -46,7 +46,7 @@ def test_api_keys_revoke_stops_key(cli, stack, config_home):
     assert "(API key from --api-key)" in after.stderr
 
 
-def test_missing_api_key_names_the_ways_to_give_one(stack, config_home):
+def test_missing_api_key_error_message(stack, config_home):
     result = invoke(["devices", "list"], isolated_environment(config_home, MICROUPDATES_SERVER=stack.api_url))
 
     assert result.exit_code == 1

@@ -123,7 +123,7 @@ def test_roles_include_lower_roles():
     assert not Role.READ_ONLY.includes(Role.DEPLOYER)
 
 
-def test_get_routes_need_only_read_only_except_api_keys():
+def test_get_routes_role_read_only():
     for (method, path), role in OPERATOR_ROUTE_ROLES.items():
         if method == "GET" and not path.startswith("/api/v1/api-keys"):
             assert role == Role.READ_ONLY, f"{method} {path}"
