@@ -75,6 +75,9 @@ async def authorize_operator(
 ) -> ApiKey:
     """Authenticate the request's API key and check that its role covers the endpoint; return the key's row."""
 
+    # NOTE: FastAPI decodes a JSON body before it runs dependencies, so a body that is not valid JSON
+    # gets 422 even without a key. The endpoint itself never runs without a valid key.
+
     route = request.scope["route"]
     path = request.url.path
     role_name = (route.openapi_extra or {}).get(REQUIRED_ROLE_EXTENSION)
