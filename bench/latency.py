@@ -81,7 +81,7 @@ def measure(runs: int, work_dir: Path) -> dict[str, list[float]]:
     fleet = LocalFleet(server_url=stack.api_url, devices_dir=work_dir / "devices")
     results: dict[str, list[float]] = {"deploy": [], "abort": []}
     try:
-        with OperatorApiClient(stack.api_url) as api:
+        with OperatorApiClient(stack.api_url, stack.admin_api_key) as api:
             device = fleet.add("bench-device", api.register_device("bench-device", groups=["bench"])["token"])
             fleet.start(device)
             started_file = device.root / "started"

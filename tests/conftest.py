@@ -32,7 +32,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def api(stack: Stack) -> Iterator[OperatorApiClient]:
     from microupdates.cli.api_client import OperatorApiClient
 
-    with OperatorApiClient(stack.api_url) as client:
+    with OperatorApiClient(stack.api_url, stack.admin_api_key) as client:
         yield client
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from microupdates.cli.api_client import OperatorApiClient
+from microupdates.cli.stack import Stack
 from microupdates.workflows.contracts import FINAL_DEPLOYMENT_STATUSES
 
 DEPLOYMENT_WAIT_SECONDS = 300.0
@@ -24,6 +25,12 @@ def write_recipe(directory: Path, recipe: dict, files: dict[str, bytes] | None =
     recipe_path = directory / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     return recipe_path
+
+
+def operator_headers(stack: Stack, api_key: str | None = None) -> dict[str, str]:
+    """Return the Authorization header for raw HTTP requests to the operator API: the stack's admin key by default."""
+
+    return {"Authorization": f"Bearer {api_key or stack.admin_api_key}"}
 
 
 def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: float = DEPLOYMENT_WAIT_SECONDS) -> dict:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 
 from microupdates import __version__
+from microupdates.api.auth import (
+    OPERATOR_API_PREFIX,
+    assign_operator_roles,
+    authorize_operator,
+    find_unguarded_operator_routes,
+)
 from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
 from microupdates.api.job_signing import JobSigner
 from microupdates.api.metrics import ApiMetrics
-from microupdates.api.routes import deployments, device_agent, devices, updates
+from microupdates.api.routes import api_keys, deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
 from microupdates.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -23,8 +29,6 @@ from microupdates.settings import ServerSettings
 from microupdates.temporal_client import connect_temporal
 
 logger = logging.getLogger(__name__)
-
-OPERATOR_API_PREFIX = "/api/v1"
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -62,10 +66,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         description="Ship application updates to fleets of Linux edge devices.",
         lifespan=lifespan,
     )
-    app.include_router(devices.router, prefix=OPERATOR_API_PREFIX)
-    app.include_router(updates.router, prefix=OPERATOR_API_PREFIX)
-    app.include_router(deployments.router, prefix=OPERATOR_API_PREFIX)
+    # Every operator route needs an API key whose role covers the route's entry in OPERATOR_ROUTE_ROLES.
+    for router in (devices.router, updates.router, deployments.router, api_keys.router):
+        assign_operator_roles(router)
+        app.include_router(router, prefix=OPERATOR_API_PREFIX, dependencies=[Security(authorize_operator)])
     app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
+    unguarded = find_unguarded_operator_routes(app)
+    if unguarded:
+        raise RuntimeError(f"Operator routes without authorize_operator or a role: {', '.join(unguarded)}.")
     register_error_handlers(app)
     metrics.install(app)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
+from microupdates.roles import Role
 
 
 def check_label(value: str) -> str:
@@ -162,3 +163,34 @@ class StageResultPublic(BaseModel):
 class DeviceResultPublic(DeploymentDevicePublic):
     deployment_id: str
     stages: list[StageResultPublic]
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(description="A label for the key's holder, such as `ci` or `alice`; names need not be unique.")
+    role: Role
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str) -> str:
+        return check_label(value)
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    name: str
+    role: Role
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="Written at most once a minute, so up to a minute old.")
+    revoked_at: datetime | None
+
+    @field_validator("created_at", "last_used_at", "revoked_at")
+    @classmethod
+    def mark_utc(cls, value: datetime | None) -> datetime | None:
+        # SQLite returns the stored UTC times without their offset.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The API key; shown once, only its hash is stored.")

@@ -180,6 +180,17 @@ class OperatorApiClient:
     def read_device_result(self, deployment_id: str, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/deployments/{deployment_id}/devices/{device_id}")
 
+    def create_api_key(self, name: str, role: str) -> dict[str, Any]:
+        """Create an API key; the response's `key` is the only copy of the key."""
+
+        return self._request("POST", "/api-keys", json={"name": name, "role": role})
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/api-keys")
+
+    def revoke_api_key(self, key_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/api-keys/{key_id}/revoke")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)

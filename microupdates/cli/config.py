@@ -2,10 +2,10 @@
 
 The address comes from the first of: the `--server` option, the
 `MICROUPDATES_SERVER` environment variable, the `server` key of the config
-file, and DEFAULT_SERVER. The API key comes from `MICROUPDATES_API_KEY`, then
-the `api_key` key of the config file. The CA bundle that verifies an https
-server comes from `--ca-file`, `MICROUPDATES_CA_FILE`, then `ca_file` in the
-config file. An empty environment variable counts as unset.
+file, and DEFAULT_SERVER. The API key comes from the `--api-key` option, then
+`MICROUPDATES_API_KEY`, then the `api_key` key of the config file. The CA bundle
+that verifies an https server comes from `--ca-file`, `MICROUPDATES_CA_FILE`,
+then `ca_file` in the config file. An empty environment variable counts as unset.
 
 The config file is `$MICROUPDATES_CONFIG` when set, else
 `$XDG_CONFIG_HOME/microupdates/config.yaml`, else
@@ -110,7 +110,10 @@ def describe_readable_key(path: Path) -> str | None:
 
 
 def resolve_connection_settings(
-    server_option: str | None, environ: Mapping[str, str] | None = None, ca_file_option: str | None = None
+    server_option: str | None,
+    environ: Mapping[str, str] | None = None,
+    api_key_option: str | None = None,
+    ca_file_option: str | None = None,
 ) -> ConnectionSettings:
     """Return the server address, API key and CA bundle from the options, the environment and the config file."""
 
@@ -129,7 +132,9 @@ def resolve_connection_settings(
         server, server_source = DEFAULT_SERVER, "the default"
 
     api_key, api_key_source, warning = None, None, None
-    if environ.get(API_KEY_ENV):
+    if api_key_option:
+        api_key, api_key_source = api_key_option, "--api-key"
+    elif environ.get(API_KEY_ENV):
         api_key, api_key_source = environ[API_KEY_ENV], API_KEY_ENV
     elif file_settings.get("api_key"):
         api_key, api_key_source = file_settings["api_key"], file_source

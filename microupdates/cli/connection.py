@@ -5,33 +5,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NoReturn
 
 import typer
 
 from microupdates.cli.api_client import OperatorApiClient, OperatorApiConnectionError, OperatorApiError
-from microupdates.cli.config import ConfigError, ConnectionSettings, resolve_connection_settings
+from microupdates.cli.config import API_KEY_ENV, ConfigError, ConnectionSettings, resolve_connection_settings
 from microupdates.cli.output import EXIT_ERROR, fail, print_error, print_warning
 from microupdates.recipe_files import RecipeError
 
 logger = logging.getLogger(__name__)
 
-
-# The top-level `--ca-file` option of the running command. The app's callback sets it
-# before every command, None when the option is absent.
-_ca_file_option: str | None = None
-
-
-def set_ca_file_option(path: str | None) -> None:
-    global _ca_file_option
-    _ca_file_option = path
+HTTP_UNAUTHORIZED = 401
+# The top-level --api-key and --ca-file options of the running command; the root callback sets them on every
+# invocation, None when an option is absent.
+api_key_option: ContextVar[str | None] = ContextVar("api_key_option", default=None)
+ca_file_option: ContextVar[str | None] = ContextVar("ca_file_option", default=None)
 
 
 def load_settings(server_option: str | None) -> ConnectionSettings:
     """Resolve the server address, API key and CA bundle, or fail with the config problem."""
 
     try:
-        settings = resolve_connection_settings(server_option, ca_file_option=_ca_file_option)
+        settings = resolve_connection_settings(
+            server_option, api_key_option=api_key_option.get(), ca_file_option=ca_file_option.get()
+        )
     except ConfigError as error:
         fail(str(error))
     if settings.warning:
@@ -43,6 +42,10 @@ def load_settings(server_option: str | None) -> ConnectionSettings:
 def describe_api_error(error: OperatorApiError, settings: ConnectionSettings) -> str:
     if isinstance(error, OperatorApiConnectionError):
         return f"Cannot reach the API at {settings.server} (set by {settings.server_source}): {error.reason}."
+    if error.status_code == HTTP_UNAUTHORIZED:
+        if settings.api_key is None:
+            return f"{error} Give an API key with --api-key, {API_KEY_ENV} or `api_key:` in the config file."
+        return f"{error} (API key from {settings.api_key_source})"
     return str(error)
 
 

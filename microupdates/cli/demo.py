@@ -47,7 +47,7 @@ def run_demo(
         console.print(f"Starting Temporal, the worker and the API in {data_dir} ...")
         stack.start()
         fleet = LocalFleet(server_url=stack.api_url, devices_dir=data_dir / "devices")
-        with OperatorApiClient(stack.api_url) as api:
+        with OperatorApiClient(stack.api_url, stack.admin_api_key) as api:
             ports = register_devices(api, fleet)
             fleet.start_all()
             console.print(f"Started {len(fleet.devices)} local agents; creating the update from {recipe_path} ...")
@@ -64,7 +64,8 @@ def run_demo(
         console.print(f"Temporal Web UI: {stack.temporal_ui_url}/namespaces/default/workflows")
         console.print(f"Demo {'succeeded' if succeeded else 'FAILED'} in {time.monotonic() - started:.1f} s")
         if keep_running:
-            console.print("The stack keeps running; press Ctrl-C to stop it.")
+            console.print(f"The stack keeps running; press Ctrl-C to stop it. For the CLI: "
+                          f"export MICROUPDATES_CONFIG={stack.cli_config_path}", soft_wrap=True)
             wait_for_interrupt()
         return succeeded
     finally:

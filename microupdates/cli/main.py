@@ -1,6 +1,6 @@
 """The `microupdates` operator command line; it talks to the REST API only, except `demo`.
 
-Command groups: `devices`, `updates`, `deployments`, plus `deploy` and `demo`.
+Command groups: `devices`, `updates`, `deployments`, `api-keys`, plus `deploy` and `demo`.
 The server address and API key come from `--server`, the environment or the
 config file (see `microupdates.cli.config`).
 """
@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 
 from microupdates.cli.api_client import OperatorApiError
-from microupdates.cli.commands import deployments, devices, updates
+from microupdates.cli.commands import api_keys, deployments, devices, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
-from microupdates.cli.connection import set_ca_file_option
+from microupdates.cli.connection import api_key_option, ca_file_option
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
 from microupdates.recipe_files import RecipeError
 
@@ -35,6 +35,7 @@ def demo_console() -> Console:
 app.add_typer(devices.app, name="devices")
 app.add_typer(updates.app, name="updates")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(api_keys.app, name="api-keys")
 app.command("deploy")(deploy)
 register_aliases(app)
 
@@ -42,6 +43,15 @@ register_aliases(app)
 @app.callback()
 def configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each HTTP request to stderr.")] = False,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            help="Operator API key (muk_...). Default: $MICROUPDATES_API_KEY, then `api_key` in the config file. "
+            "Other users on this machine can read command lines, so prefer those two.",
+            show_default=False,
+        ),
+    ] = None,
     ca_file: Annotated[Optional[Path], typer.Option(
         "--ca-file",
         help="CA bundle (PEM) that verifies an https server's certificate. Default: $MICROUPDATES_CA_FILE, "
@@ -53,11 +63,13 @@ def configure(
 
     The API address comes from --server, then $MICROUPDATES_SERVER, then
     `server:` in ~/.config/microupdates/config.yaml (or $MICROUPDATES_CONFIG),
-    then http://127.0.0.1:8080. $MICROUPDATES_API_KEY or `api_key:` in the
-    same file is sent as a bearer token.
+    then http://127.0.0.1:8080. The API key comes from --api-key (before the
+    command, as in `microupdates --api-key KEY devices list`), then
+    $MICROUPDATES_API_KEY, then `api_key:` in the same file.
     """
 
-    set_ca_file_option(str(ca_file) if ca_file else None)
+    api_key_option.set(api_key)
+    ca_file_option.set(str(ca_file) if ca_file else None)
 
     if verbose:
         logging.basicConfig(level="DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

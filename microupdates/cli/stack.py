@@ -2,6 +2,9 @@
 
 `microupdates-stack` runs it in the foreground (`make dev`); the demo and the
 end-to-end tests start the same stack on free ports in a directory of their own.
+At start the stack makes sure an admin API key exists and writes it with the
+API address to DATA_DIR/cli-config.yaml, a config file the CLI reads when
+MICROUPDATES_CONFIG names it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 from microupdates.search_attributes import dev_server_arguments
 
@@ -26,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 90.0
 STOP_TIMEOUT_SECONDS = 15.0
+KEY_COMMAND_TIMEOUT_SECONDS = 60.0
+ADMIN_KEY_NAME = "microupdates-stack"
+CLI_CONFIG_FILE = "cli-config.yaml"
 
 
 class StackError(RuntimeError):
@@ -69,10 +76,18 @@ class Stack:
     database_url: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # An admin API key for this stack's API, set by start().
+    admin_api_key: str = ""
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.api}"
+
+    @property
+    def cli_config_path(self) -> Path:
+        """The CLI config file with this stack's address and admin key; MICROUPDATES_CONFIG can name it."""
+
+        return self.data_dir / CLI_CONFIG_FILE
 
     @property
     def temporal_address(self) -> str:
@@ -107,6 +122,7 @@ class Stack:
             self._start_process("worker", [sys.executable, "-m", "microupdates.worker.main"])
             self._start_process("api", [sys.executable, "-m", "microupdates.api.main"])
             self._wait_for_api()
+            self.admin_api_key = self._ensure_admin_key()
         except BaseException:
             self.stop()
             raise
@@ -177,6 +193,43 @@ class Stack:
         raise StackError(f"The API did not respond within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
                          f"see {self.data_dir / 'api.log'}")
 
+    def _ensure_admin_key(self) -> str:
+        """Reuse the admin key of an earlier start in this data directory while it works, else create one."""
+
+        key = self._read_saved_admin_key()
+        if key is None or not self._admin_key_works(key):
+            key = self._create_admin_key()
+        descriptor = os.open(self.cli_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as config:
+            os.fchmod(config.fileno(), 0o600)
+            yaml.safe_dump({"server": self.api_url, "api_key": key}, config)
+        return key
+
+    def _read_saved_admin_key(self) -> str | None:
+        try:
+            saved = yaml.safe_load(self.cli_config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        key = saved.get("api_key") if isinstance(saved, dict) else None
+        return key if isinstance(key, str) else None
+
+    def _admin_key_works(self, key: str) -> bool:
+        try:
+            response = httpx.get(self.api_url + "/api/v1/api-keys", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _create_admin_key(self) -> str:
+        command = [sys.executable, "-m", "microupdates.api.main", "api-keys", "create",
+                   "--name", ADMIN_KEY_NAME, "--role", "admin"]
+        result = subprocess.run(command, capture_output=True, text=True, env=self.server_env(),
+                                stdin=subprocess.DEVNULL, timeout=KEY_COMMAND_TIMEOUT_SECONDS)
+        if result.returncode != 0:
+            raise StackError(f"Creating the admin API key failed with status {result.returncode}: "
+                             f"{result.stderr.strip()}")
+        return result.stdout.strip()
+
     def _check_alive(self, name: str) -> None:
         process = self.processes[name]
         if process.poll() is not None:
@@ -231,6 +284,8 @@ def main() -> None:
         print(f"Temporal address:  {stack.temporal_address}")
         print(f"Metrics:           {stack.api_url}/metrics (API), http://{stack.worker_metrics_address}/metrics (worker)")
         print(f"Logs and data:     {stack.data_dir}")
+        print(f"CLI settings:      export MICROUPDATES_CONFIG={stack.cli_config_path} "
+              "(the API address and an admin API key)")
         print("Press Ctrl-C to stop.")
         while not stopping:
             stack.check_running()

@@ -21,6 +21,8 @@ CLI_SETTING_VARIABLES = (
     "MICROUPDATES_SERVER", "MICROUPDATES_API_KEY", "MICROUPDATES_CONFIG", "MICROUPDATES_CA_FILE", "XDG_CONFIG_HOME",
 )
 
+API_KEY_VARIABLE = "MICROUPDATES_API_KEY"
+
 RunCli = Callable[..., Result]
 
 
@@ -50,19 +52,26 @@ def config_home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cli(stack, config_home: Path) -> RunCli:  # noqa: F811
-    """Run the CLI in-process against the test stack, as if MICROUPDATES_SERVER pointed at it."""
+    """Run the CLI in-process against the test stack, as if MICROUPDATES_SERVER and MICROUPDATES_API_KEY pointed at it."""
 
     def run(*args: str) -> Result:
-        return invoke(list(args), isolated_environment(config_home, MICROUPDATES_SERVER=stack.api_url))
+        environment = isolated_environment(
+            config_home, MICROUPDATES_SERVER=stack.api_url, MICROUPDATES_API_KEY=stack.admin_api_key
+        )
+        return invoke(list(args), environment)
 
     return run
 
 
-def run_cli_process(args: list[str], server: str, config_home: Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m microupdates.cli` with stdout and stderr on pipes."""
+def run_cli_process(
+    args: list[str], server: str, config_home: Path, api_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m microupdates.cli` with stdout and stderr on pipes, sending `api_key` when given."""
 
     environment = {key: value for key, value in os.environ.items() if key not in CLI_SETTING_VARIABLES}
     environment.update(MICROUPDATES_SERVER=server, XDG_CONFIG_HOME=str(config_home))
+    if api_key is not None:
+        environment[API_KEY_VARIABLE] = api_key
     return subprocess.run(
         [sys.executable, "-m", "microupdates.cli", *args],
         capture_output=True,

@@ -204,3 +204,14 @@ def test_no_api_key_sends_no_authorization(config_home, recording_server):
     assert result.exit_code == 0, result.output
     assert authorizations == [None]
     assert result.stdout.strip() == "No devices are registered."
+
+
+def test_api_key_flag_wins_over_env_and_config_file(config_home, recording_server):
+    url, authorizations = recording_server
+    write_config(config_home, "api_key: from-file\n")
+
+    result = invoke(["--api-key", "from-flag", "updates", "list"],
+                    isolated_environment(config_home, MICROUPDATES_SERVER=url, MICROUPDATES_API_KEY="from-env"))
+
+    assert result.exit_code == 0, result.output
+    assert authorizations == ["Bearer from-flag"]

@@ -113,7 +113,7 @@ def test_deploy_wait_pipe_one_line_per_change(api, fleet, stack, tmp_path, confi
                                                       {"app.txt": b"app\n"}))
 
     completed = run_cli_process(["deploy", "--update", update["id"], "--group", group, "--wait"],
-                                stack.api_url, config_home)
+                                stack.api_url, config_home, stack.admin_api_key)
 
     print(completed.stdout)
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -136,8 +136,8 @@ def test_deploy_wait_on_terminal_shows_live_display(api, fleet, stack, tmp_path,
     register_devices(api, fleet, names, group)
     recipe = write_recipe(tmp_path / "recipe", two_stage_recipe(group), {"app.txt": b"app\n"})
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MICROUPDATES_")}
-    environment.update(MICROUPDATES_SERVER=stack.api_url, XDG_CONFIG_HOME=str(config_home), TERM="xterm-256color",
-                       COLUMNS="120", LINES="40")
+    environment.update(MICROUPDATES_SERVER=stack.api_url, MICROUPDATES_API_KEY=stack.admin_api_key,
+                       XDG_CONFIG_HOME=str(config_home), TERM="xterm-256color", COLUMNS="120", LINES="40")
     environment.pop("NO_COLOR", None)
 
     primary, secondary = pty.openpty()

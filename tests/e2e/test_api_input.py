@@ -11,13 +11,13 @@ import pytest
 from microupdates.cli.api_client import OperatorApiError
 from microupdates.cli.stack import Stack, StackError, StackPorts
 from microupdates.device_agent.client import DeviceApiClient
-from tests.stack_helpers import wait_for_deployment, write_recipe
+from tests.stack_helpers import operator_headers, wait_for_deployment, write_recipe
 
 
 def test_create_update_rejects_unresolved_script(stack):
     body = {"recipe": {"version": "1.0.0", "before": {"script": "scripts/stop.sh"}}}
 
-    response = httpx.post(f"{stack.api_url}/api/v1/updates", json=body)
+    response = httpx.post(f"{stack.api_url}/api/v1/updates", json=body, headers=operator_headers(stack))
 
     assert response.status_code == 422
     assert response.json()["detail"].startswith("before.script (scripts/stop.sh) names a file the server cannot read")

@@ -184,7 +184,7 @@ def test_check_in_returns_job_before_long_poll_ends(api, stack, tmp_path, unique
 
 def test_device_enrols_with_fleet_key(api, stack, fleet, tmp_path, unique_name):
     group = f"enrol-{unique_name}"
-    key = httpx.post(f"{stack.api_url}/api/v1/enrolment-keys", json={"group": group}).json()["key"]
+    key = api.create_enrolment_key(group)["key"]
     name = f"enrolled-{unique_name}"
     root = tmp_path / name
     process = subprocess.Popen(
