@@ -70,7 +70,7 @@ class DeviceJobs:
 
     async def _take_next_job(self, device_id: str, picked_up_before: datetime) -> StageJob | None:
         while True:
-            row = await asyncio.to_thread(self._claim_next_row, device_id, picked_up_before)
+            row = await asyncio.to_thread(self.claim_next_row, device_id, picked_up_before)
             if row is None:
                 return None
 
@@ -96,7 +96,7 @@ class DeviceJobs:
                         device_id, extra=log_fields(row))
             return await asyncio.to_thread(self._build_job, row)
 
-    def _claim_next_row(self, device_id: str, picked_up_before: datetime) -> StageJobRow | None:
+    def claim_next_row(self, device_id: str, picked_up_before: datetime) -> StageJobRow | None:
         """Hand out the device's next job; of concurrent check-ins on any API process, exactly one gets it."""
 
         for _ in range(MAX_CLAIM_ATTEMPTS):
