@@ -12,7 +12,7 @@ import pytest
 from microupdates.cli.stack import Stack, StackPorts, free_port
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-# The APIs look for deployments left without a workflow this often, so a test sees the restart quickly.
+# The APIs look for deployments left without a workflow this often, so a test waits seconds, not a minute.
 LOST_START_CHECK_SECONDS = 2
 
 

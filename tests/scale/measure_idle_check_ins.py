@@ -6,8 +6,8 @@ It starts a Temporal dev server, one worker and one API on a fresh database
 (dropped afterwards), registers 200 devices, and sends check-ins with
 `wait_seconds` 0 from CONCURRENCY tasks for SECONDS. Every check-in finds no
 job, which is what an idle fleet sends. The load generator runs on the same
-machine and takes CPU from the API, so the rate is a lower bound; the API
-process's CPU time per check-in, read from /proc, does not depend on that.
+machine and takes CPU from the API, so the rate is a lower bound. The API
+process's CPU time per check-in, read from /proc, depends much less on it.
 """
 
 from __future__ import annotations

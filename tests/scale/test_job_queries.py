@@ -24,7 +24,7 @@ from microupdates.db.session import Database
 CONCURRENT_JOBS = 40
 THREADS_PER_PROCESS = 6
 INDEXED_TABLE_ROWS = 20_000
-# The deployments table holds one row per deployment, a few here, where a sequential scan is right.
+# The deployments table contains one row per deployment, four here, where a sequential scan is right.
 INDEXED_TABLES = ("devices", "stage_jobs", "deployment_devices", "abort_requests")
 
 
@@ -54,9 +54,9 @@ def queue_jobs(database: Database, device_id: str, count: int, prefix: str) -> l
 
 
 def claim_concurrently(databases: list[Database], device_id: str, picked_up_before) -> list[int]:
-    """Let every thread of both engines take jobs of one device until none is left; return the ids taken."""
+    """Let every thread of both engines take jobs of one device until none is left; return the ids claimed."""
 
-    taken: list[int] = []
+    claimed_ids: list[int] = []
     lock = threading.Lock()
     start = threading.Barrier(len(databases) * THREADS_PER_PROCESS)
 
@@ -64,7 +64,7 @@ def claim_concurrently(databases: list[Database], device_id: str, picked_up_befo
         start.wait()
         while (row := jobs.claim_next_row(device_id, picked_up_before)) is not None:
             with lock:
-                taken.append(row.id)
+                claimed_ids.append(row.id)
 
     threads = [
         threading.Thread(target=take, args=(DeviceJobs(database, client=None, notifier=None),))
@@ -74,19 +74,19 @@ def claim_concurrently(databases: list[Database], device_id: str, picked_up_befo
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    return taken
+    return claimed_ids
 
 
 def test_hand_out_concurrent_check_ins_once(databases):
     queued = queue_jobs(databases[0], "gw-1", CONCURRENT_JOBS, "wf")
 
-    taken = claim_concurrently(databases, "gw-1", utc_now() - timedelta(hours=1))
+    claimed_ids = claim_concurrently(databases, "gw-1", utc_now() - timedelta(hours=1))
 
-    assert len(taken) == len(set(taken))
-    assert sorted(taken) == sorted(queued)
+    assert len(claimed_ids) == len(set(claimed_ids))
+    assert sorted(claimed_ids) == sorted(queued)
 
 
-def test_hand_out_running_job_again_to_later_check_in_once(databases):
+def test_rehand_lost_job_once(databases):
     queued = queue_jobs(databases[0], "gw-2", 1, "lost")
     first = DeviceJobs(databases[0], client=None, notifier=None).claim_next_row("gw-2", utc_now())
 
@@ -94,11 +94,11 @@ def test_hand_out_running_job_again_to_later_check_in_once(databases):
         "gw-2", first.picked_up_at - timedelta(seconds=1)
     )
     # Check-ins that began after the first hand-out: exactly one of them gets the job again.
-    taken = claim_concurrently(databases, "gw-2", first.picked_up_at + timedelta(microseconds=1))
+    claimed_ids = claim_concurrently(databases, "gw-2", first.picked_up_at + timedelta(microseconds=1))
 
     assert first.id == queued[0]
     assert not_yet is None
-    assert taken == queued
+    assert claimed_ids == queued
 
 
 def test_id_cursor_reports_late_ids_once():
