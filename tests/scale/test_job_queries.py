@@ -6,6 +6,7 @@ server: hand-out is decided by the database alone.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import event, insert
 
 from microupdates.api.device_jobs import DeviceJobs
-from microupdates.api.job_notifier import MISSING_ID_WAIT_SECONDS, IdCursor
+from microupdates.api.job_notifier import MISSING_ID_WAIT_SECONDS, IdCursor, JobNotifier, device_key
 from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
@@ -24,6 +25,7 @@ from microupdates.db.session import Database
 CONCURRENT_JOBS = 40
 THREADS_PER_PROCESS = 6
 INDEXED_TABLE_ROWS = 20_000
+NOTIFIER_POLL_SECONDS = 0.05
 # The deployments table contains one row per deployment, four here, where a sequential scan is right.
 INDEXED_TABLES = ("devices", "stage_jobs", "deployment_devices", "abort_requests")
 
@@ -203,3 +205,31 @@ def test_check_in_and_job_queries_use_indexes(databases):
             plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + statement, parameters))
             for table in INDEXED_TABLES:
                 assert f"Seq Scan on {table}" not in plan, f"{statement}\n{plan}"
+
+
+async def test_notifier_wakes_device_of_late_committed_job(databases):
+    """A job whose id is below one already read, but commits later, still wakes its device."""
+
+    writer, reader = databases
+    notifier = JobNotifier(reader, poll_interval_seconds=NOTIFIER_POLL_SECONDS)
+    await notifier.start()
+    late_device = notifier.register([device_key("gw-late")])
+    try:
+        with writer.session() as late_session:
+            queue_one_job(late_session, "gw-late")
+            queue_jobs(writer, "gw-early", 1, "early")
+            await asyncio.sleep(NOTIFIER_POLL_SECONDS * 5)
+            assert not late_device.is_set()
+
+        await asyncio.wait_for(late_device.wait(), NOTIFIER_POLL_SECONDS * 20)
+    finally:
+        await notifier.stop()
+
+
+def queue_one_job(session, device_id: str) -> int:
+    job = job_store.queue_stage_job(
+        session, deployment_id="dep-test", device_id=device_id, stage="before",
+        workflow_id=f"late-{device_id}", activity_id="1", task_token=b"token", attempt=1,
+    )
+    session.flush()
+    return job.id
