@@ -216,7 +216,8 @@ class Stack:
     def stop(self) -> None:
         """Stop the APIs, the workers and then Temporal, killing any that ignore SIGTERM."""
 
-        for name in [name for name in self.processes if name != "temporal"] + ["temporal"]:
+        # The latest started first: APIs before workers, and Temporal last.
+        for name in [name for name in reversed(self.processes) if name != "temporal"] + ["temporal"]:
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
                 continue

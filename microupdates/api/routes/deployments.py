@@ -54,6 +54,8 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
             state.temporal, state.settings.task_queue, deployment_id, body.update_id, version, targets
         )
     except RPCError as error:
+        # NOTE: a start that reached Temporal but whose response was lost still runs,
+        # although the row says failed_to_start.
         reason = str(error).rstrip(".")
         message = f"Temporal did not accept deployment {deployment_id}: {reason}. Check that the Temporal server runs."
         logger.error(message)
