@@ -31,7 +31,8 @@ DEFAULT_POLL_INTERVAL_SECONDS = 0.2
 READ_LIMIT = 5000
 # An insert's transaction takes milliseconds; an id still missing after this is a rolled-back insert.
 MISSING_ID_WAIT_SECONDS = 10.0
-# A jump larger than this is not tracked id by id; those rows' devices find them at their next check-in.
+# Of a larger jump only the ids just below the new one are tracked, since those are the inserts
+# still in flight; devices of older missing rows find them at their next check-in.
 MAX_MISSING_IDS = 1000
 
 
@@ -63,9 +64,8 @@ class IdCursor:
                 del self._missing[found]
                 new_ids.append(found)
             elif found > self.last_id:
-                if found - self.last_id - 1 <= MAX_MISSING_IDS:
-                    for skipped in range(self.last_id + 1, found):
-                        self._missing[skipped] = now
+                for skipped in range(max(self.last_id + 1, found - MAX_MISSING_IDS), found):
+                    self._missing[skipped] = now
                 self.last_id = found
                 new_ids.append(found)
 
@@ -129,7 +129,7 @@ class JobNotifier:
                 job_devices = dict(new_jobs)
                 for job_id in self._jobs.advance(list(job_devices), now):
                     self.notify(device_key(job_devices[job_id]))
-                abort_targets = {abort_id: (deployment_id, device_id) for abort_id, deployment_id, device_id in new_aborts}
+                abort_targets = {abort_id: (deployment, device) for abort_id, deployment, device in new_aborts}
                 for abort_id in self._aborts.advance(list(abort_targets), now):
                     deployment_id, device_id = abort_targets[abort_id]
                     self.notify(device_key(device_id) if device_id else deployment_key(deployment_id))

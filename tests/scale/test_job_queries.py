@@ -15,7 +15,13 @@ import pytest
 from sqlalchemy import event, insert
 
 from microupdates.api.device_jobs import DeviceJobs
-from microupdates.api.job_notifier import MISSING_ID_WAIT_SECONDS, IdCursor, JobNotifier, device_key
+from microupdates.api.job_notifier import (
+    MAX_MISSING_IDS,
+    MISSING_ID_WAIT_SECONDS,
+    IdCursor,
+    JobNotifier,
+    device_key,
+)
 from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
@@ -26,6 +32,8 @@ CONCURRENT_JOBS = 40
 THREADS_PER_PROCESS = 6
 INDEXED_TABLE_ROWS = 20_000
 NOTIFIER_POLL_SECONDS = 0.05
+# Far above the poll interval, for a loaded machine, and below the notifier's MISSING_ID_WAIT_SECONDS.
+LATE_JOB_WAKE_UP_SECONDS = 5.0
 # The deployments table contains one row per deployment, four here, where a sequential scan is right.
 INDEXED_TABLES = ("devices", "stage_jobs", "deployment_devices", "abort_requests")
 
@@ -110,6 +118,14 @@ def test_id_cursor_reports_late_ids_once():
     assert cursor.missing_ids == [12]
     assert cursor.advance([12, 13, 14], now=1.0) == [12, 14]
     assert cursor.missing_ids == []
+
+
+def test_id_cursor_tracks_ids_below_large_jump():
+    cursor = IdCursor(last_id=0)
+
+    cursor.advance([50_000], now=0.0)
+
+    assert cursor.missing_ids == list(range(50_000 - MAX_MISSING_IDS, 50_000))
 
 
 def test_id_cursor_forgets_rolled_back_ids():
@@ -221,7 +237,7 @@ async def test_notifier_wakes_device_of_late_committed_job(databases):
             await asyncio.sleep(NOTIFIER_POLL_SECONDS * 5)
             assert not late_device.is_set()
 
-        await asyncio.wait_for(late_device.wait(), NOTIFIER_POLL_SECONDS * 20)
+        await asyncio.wait_for(late_device.wait(), LATE_JOB_WAKE_UP_SECONDS)
     finally:
         await notifier.stop()
 
