@@ -115,6 +115,35 @@ def test_abort_on_one_api_reaches_device_on_other(cluster, operator, fleets, tmp
     assert delivery_seconds < ABORT_DELIVERY_MAX_SECONDS
 
 
+def test_report_to_other_api_completes_stage(cluster, operator, tmp_path, unique_name):
+    group = f"switch-{unique_name}"
+    name = f"switch-{unique_name}"
+    token = operator.register_device(name, groups=[group])["token"]
+    recipe = {"version": "1.0.0", "targets": {"groups": [group]}, "before": {"run": "true"}}
+    update_id = operator.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))["id"]
+    deployment_id = operator.deploy(update_id)["id"]
+
+    # A device whose requests a load balancer sends to a different API process each time.
+    job = check_in(cluster.api_urls[0], token, wait_seconds=30)["job"]
+    report = httpx.post(
+        f"{cluster.api_urls[1]}{DEVICE_API_PREFIX}/jobs/{job['job_id']}/report",
+        json={"status": "succeeded", "exit_code": 0}, headers=device_headers(token), timeout=30,
+    )
+    repeated = httpx.post(
+        f"{cluster.api_urls[0]}{DEVICE_API_PREFIX}/jobs/{job['job_id']}/report",
+        json={"status": "succeeded", "exit_code": 0}, headers=device_headers(token), timeout=30,
+    )
+    detail = wait_for_deployment(operator, deployment_id)
+
+    assert job["stage"] == "before"
+    assert report.status_code == 200, report.text
+    assert report.json()["detail"] == "recorded"
+    assert repeated.status_code == 200, repeated.text
+    assert repeated.json()["detail"] == "already recorded"
+    assert detail["status"] == "succeeded"
+    assert device_statuses(detail) == {name: "succeeded"}
+
+
 def test_killed_workers_replaced_mid_deployment_finish_it(cluster, operator, fleets, tmp_path, unique_name):
     group = f"workers-{unique_name}"
     names = [f"workers-{unique_name}-{index}" for index in range(2)]
@@ -226,10 +255,10 @@ def wait_for_file_present(path: Path, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def check_in(api_url: str, token: str) -> dict:
+def check_in(api_url: str, token: str, wait_seconds: int = 0) -> dict:
     response = httpx.post(
-        f"{api_url}{DEVICE_API_PREFIX}/check-in", json={"agent_version": "test", "wait_seconds": 0},
-        headers=device_headers(token), timeout=10,
+        f"{api_url}{DEVICE_API_PREFIX}/check-in", json={"agent_version": "test", "wait_seconds": wait_seconds},
+        headers=device_headers(token), timeout=wait_seconds + 10,
     )
     assert response.status_code == 200, response.text
     return response.json()
