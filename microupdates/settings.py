@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     temporal_connect_timeout_seconds: float = 60.0
     # Where the worker serves the Temporal SDK's Prometheus metrics; empty turns them off.
     worker_metrics_address: str = "127.0.0.1:9464"
+    # How often each API process looks for deployments left pending without a workflow, and how
+    # old such a row must be: a create request starts its workflow within a second.
+    lost_start_check_seconds: float = 30.0
     # "text" for people, "json" for log collectors (one object per line, ids as fields).
     log_format: str = "text"
     # Ed25519 key that signs every stage job (PEM, PKCS#8). Unset: `<data_dir>/job-signing-key.pem`,

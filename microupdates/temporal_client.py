@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError
 
@@ -21,12 +22,15 @@ class TemporalUnavailableError(RuntimeError):
     """Raised when the Temporal server cannot be reached within the connect timeout."""
 
 
-async def connect_temporal(settings: ServerSettings, runtime: Runtime | None = None) -> Client:
+async def connect_temporal(
+    settings: ServerSettings, runtime: Runtime | None = None, interceptors: Sequence[Interceptor] = ()
+) -> Client:
     deadline = time.monotonic() + settings.temporal_connect_timeout_seconds
     while True:
         try:
             return await Client.connect(
-                settings.temporal_address, namespace=settings.temporal_namespace, runtime=runtime
+                settings.temporal_address, namespace=settings.temporal_namespace, runtime=runtime,
+                interceptors=interceptors,
             )
         except (RPCError, RuntimeError, OSError) as error:
             if time.monotonic() > deadline:

@@ -15,11 +15,12 @@ from microupdates.api.auth import (
     authorize_operator,
     find_unguarded_operator_routes,
 )
+from microupdates.api.deployment_starts import LostStartReconciler
 from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
 from microupdates.api.job_signing import JobSigner
-from microupdates.api.metrics import ApiMetrics
+from microupdates.api.metrics import ApiMetrics, TemporalCallCounter
 from microupdates.api.routes import api_keys, deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
@@ -40,9 +41,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         database = Database(settings.resolved_database_url())
         database.create_schema()
-        temporal = await connect_temporal(settings)
+        temporal = await connect_temporal(settings, interceptors=[TemporalCallCounter(metrics)])
         notifier = JobNotifier(database)
         await notifier.start()
+        reconciler = LostStartReconciler(database, temporal, settings.task_queue,
+                                         settings.lost_start_check_seconds, settings.lost_start_check_seconds)
+        reconciler.start()
         metrics.watch_long_polls(notifier)
         app.state.api = ApiState(
             settings=settings,
@@ -57,6 +61,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         logger.info("API ready; Temporal at %s, task queue %s, job-signing public key %s",
                     settings.temporal_address, settings.task_queue, signer.public_key_text)
         yield
+        await reconciler.stop()
         await notifier.stop()
         database.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timedelta
 
 from temporalio.client import AsyncActivityCancelledError, AsyncActivityHandle, Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -31,6 +32,10 @@ from microupdates.workflows.contracts import StageOutcome
 logger = logging.getLogger(__name__)
 
 MAX_PROGRESS_WAIT_SECONDS = 20
+# A running job is handed out again only to a check-in that began this long after the
+# hand-out, which covers clock differences between API hosts.
+REHAND_MARGIN_SECONDS = 2.0
+MAX_CLAIM_ATTEMPTS = 5
 MAX_OUTCOME_ERROR_CHARS = 1000
 
 
@@ -47,10 +52,11 @@ class DeviceJobs:
 
         keys = [device_key(device_id)]
         event = self.notifier.register(keys)
+        picked_up_before = utc_now() - timedelta(seconds=REHAND_MARGIN_SECONDS)
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
-                job = await self._take_next_job(device_id)
+                job = await self._take_next_job(device_id, picked_up_before)
                 if job is not None:
                     return CheckInResponse(job=job, job_signature=self.signer.sign_job(job))
 
@@ -65,9 +71,9 @@ class DeviceJobs:
         finally:
             self.notifier.unregister(keys, event)
 
-    async def _take_next_job(self, device_id: str) -> StageJob | None:
+    async def _take_next_job(self, device_id: str, picked_up_before: datetime) -> StageJob | None:
         while True:
-            row = await asyncio.to_thread(self._claim_next_row, device_id)
+            row = await asyncio.to_thread(self.claim_next_row, device_id, picked_up_before)
             if row is None:
                 return None
 
@@ -93,15 +99,19 @@ class DeviceJobs:
                         device_id, extra=log_fields(row))
             return await asyncio.to_thread(self._build_job, row)
 
-    def _claim_next_row(self, device_id: str) -> StageJobRow | None:
-        with self.database.session() as session:
-            row = job_store.next_queued_job(session, device_id)
-            if row is None:
-                return None
-            if not job_store.mark_job_running(session, row.id):
-                return None
-            session.expunge(row)
-            return row
+    def claim_next_row(self, device_id: str, picked_up_before: datetime) -> StageJobRow | None:
+        """Hand out the device's next job; of concurrent check-ins on any API process, exactly one gets it."""
+
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            with self.database.session() as session:
+                row = job_store.next_job_to_hand_out(session, device_id, picked_up_before)
+                if row is None:
+                    return None
+                if job_store.mark_job_running(session, row):
+                    session.expunge(row)
+                    return row
+        # Other requests kept taking the rows first; the notifier wakes this one again.
+        return None
 
     def _abort_requested(self, row: StageJobRow) -> bool:
         with self.database.session() as session:

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from temporalio import client as temporal_client
 
 from microupdates.api.job_notifier import JobNotifier
 
@@ -32,6 +33,10 @@ class ApiMetrics:
             "microupdates_long_polls_held", "Check-ins and progress reports waiting in this process right now.",
             registry=self.registry,
         )
+        self.temporal_calls = Counter(
+            "microupdates_api_temporal_calls_total", "Calls of this process's Temporal client, by call.",
+            ["call"], registry=self.registry,
+        )
 
     def watch_long_polls(self, notifier: JobNotifier) -> None:
         self.long_polls.set_function(lambda: notifier.waiting_count)
@@ -49,6 +54,40 @@ class ApiMetrics:
         @app.get("/metrics", include_in_schema=False)
         def read_metrics() -> Response:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# The client calls an API process makes or could make; each one is a request to the Temporal server.
+COUNTED_TEMPORAL_CALLS = (
+    "start_workflow", "signal_workflow", "query_workflow", "describe_workflow", "cancel_workflow",
+    "terminate_workflow", "start_workflow_update", "fetch_workflow_history_events", "list_workflows",
+    "count_workflows", "heartbeat_async_activity", "complete_async_activity", "fail_async_activity",
+    "report_cancellation_async_activity",
+)
+
+
+class TemporalCallCounter(temporal_client.Interceptor):
+    """Client interceptor that counts every Temporal call of the API in `microupdates_api_temporal_calls_total`."""
+
+    def __init__(self, metrics: ApiMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_client(self, next: temporal_client.OutboundInterceptor) -> temporal_client.OutboundInterceptor:
+        return _CountingOutbound(next, self.metrics.temporal_calls)
+
+
+class _CountingOutbound(temporal_client.OutboundInterceptor):
+    def __init__(self, next: temporal_client.OutboundInterceptor, calls: Counter) -> None:
+        super().__init__(next)
+        for name in COUNTED_TEMPORAL_CALLS:
+            setattr(self, name, _counted(getattr(next, name), calls.labels(name)))
+
+
+def _counted(call: Callable, counter) -> Callable:
+    def counting(*args, **kwargs):
+        counter.inc()
+        return call(*args, **kwargs)
+
+    return counting
 
 
 def route_template(request: Request) -> str:

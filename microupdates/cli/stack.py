@@ -157,13 +157,35 @@ class Stack:
         self._start_process("temporal", command)
         self._wait_for_port(self.ports.temporal, "temporal")
 
-    def _start_process(self, name: str, command: list[str]) -> None:
+    def start_api(self, name: str, port: int) -> str:
+        """Start one more API process on `port` against the same database and Temporal; return its URL."""
+
+        url = f"http://127.0.0.1:{port}"
+        self._start_process(name, [sys.executable, "-m", "microupdates.api.main"],
+                            {"MICROUPDATES_API_PORT": str(port)})
+        self._wait_for_health(name, url)
+        return url
+
+    def start_worker(self, name: str) -> None:
+        """Start one more worker process; its SDK metrics are off, since the port is the first worker's."""
+
+        self._start_process(name, [sys.executable, "-m", "microupdates.worker.main"],
+                            {"MICROUPDATES_WORKER_METRICS_ADDRESS": ""})
+
+    def kill(self, name: str) -> None:
+        """Kill a process with SIGKILL, as a crash or power loss of its host would end it."""
+
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+    def _start_process(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.data_dir / f"{name}.log"
         log = open(log_path, "ab")
         logger.info("Starting %s (log: %s)", name, log_path)
         self.processes[name] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.server_env(),
-            start_new_session=True,
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**self.server_env(), **(env or {})}, start_new_session=True,
         )
         log.close()
 
@@ -180,18 +202,22 @@ class Stack:
                          f"see {self.data_dir / (name + '.log')}")
 
     def _wait_for_api(self) -> None:
+        self._wait_for_health("api", self.api_url)
+
+    def _wait_for_health(self, name: str, url: str) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            self._check_alive("api")
-            self._check_alive("worker")
+            self._check_alive(name)
+            if "worker" in self.processes:
+                self._check_alive("worker")
             try:
-                if httpx.get(self.api_url + "/healthz", timeout=2).status_code == 200:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise StackError(f"The API did not respond within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
-                         f"see {self.data_dir / 'api.log'}")
+                         f"see {self.data_dir / (name + '.log')}")
 
     def _ensure_admin_key(self) -> str:
         """Reuse the admin key of an earlier start in this data directory while it works, else create one."""
@@ -241,9 +267,10 @@ class Stack:
             self._check_alive(name)
 
     def stop(self) -> None:
-        """Stop the API, the worker and then Temporal, killing any that ignore SIGTERM."""
+        """Stop the APIs, the workers and then Temporal, killing any that ignore SIGTERM."""
 
-        for name in ("api", "worker", "temporal"):
+        # The latest started first: APIs before workers, and Temporal last.
+        for name in [name for name in reversed(self.processes) if name != "temporal"] + ["temporal"]:
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -15,6 +16,7 @@ from microupdates.workflows.contracts import (
     DEPLOYMENT_FAILED,
     DEPLOYMENT_FAILED_TO_START,
     DEPLOYMENT_IN_PROGRESS,
+    DEPLOYMENT_PENDING,
     DEPLOYMENT_SUCCEEDED,
     DEVICE_ABORTED,
     DEVICE_IN_PROGRESS,
@@ -273,6 +275,17 @@ def mark_deployment_not_started(session: Session, deployment_id: str, error: str
     deployment.status = DEPLOYMENT_FAILED_TO_START
     deployment.error = error
     deployment.finished_at = utc_now()
+
+
+def list_pending_deployments(session: Session, created_before: datetime, limit: int) -> list[Deployment]:
+    """Deployments still pending that were created before `created_before`, oldest first."""
+
+    return list(session.scalars(
+        select(Deployment)
+        .where(Deployment.status == DEPLOYMENT_PENDING, Deployment.created_at < created_before)
+        .order_by(Deployment.created_at)
+        .limit(limit)
+    ))
 
 
 def list_recent_deployments(session: Session, limit: int) -> list[tuple[Deployment, Update, dict[str, int]]]:

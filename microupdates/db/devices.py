@@ -79,13 +79,19 @@ def authenticate_device(session: Session, token: str) -> Device | None:
 def mark_device_seen(session: Session, device: Device, agent_version: str) -> None:
     """Record a check-in, writing at most once a minute per device so an idle fleet costs few writes."""
 
+    if device_seen_write_due(device, agent_version):
+        device.last_seen_at = utc_now()
+        device.agent_version = agent_version
+
+
+def device_seen_write_due(device: Device, agent_version: str) -> bool:
+    """Return whether a check-in must update the device's last-seen time or agent version."""
+
     now = utc_now()
     last_seen = device.last_seen_at
     if last_seen is not None and last_seen.tzinfo is None:
         last_seen = last_seen.replace(tzinfo=now.tzinfo)
-    if last_seen is None or now - last_seen > LAST_SEEN_WRITE_INTERVAL or device.agent_version != agent_version:
-        device.last_seen_at = now
-        device.agent_version = agent_version
+    return last_seen is None or now - last_seen > LAST_SEEN_WRITE_INTERVAL or device.agent_version != agent_version
 
 
 def load_device_view(session: Session, device_id: str) -> DeviceView:

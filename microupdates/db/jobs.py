@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -52,23 +53,40 @@ def queue_stage_job(
     return job
 
 
-def next_queued_job(session: Session, device_id: str) -> StageJob | None:
+def next_job_to_hand_out(session: Session, device_id: str, picked_up_before: datetime) -> StageJob | None:
+    """Return the device's oldest queued job, or a running one handed out before `picked_up_before`.
+
+    An agent checks in only when it runs no stage, so a job still running
+    from before this check-in began never reached the device: the API died,
+    or the response was lost, between the hand-out and the device. Handing
+    it out again keeps it from waiting for its timeout.
+    """
+
     return session.scalars(
         select(StageJob)
-        .where(StageJob.device_id == device_id, StageJob.state == "queued")
+        .where(
+            StageJob.device_id == device_id,
+            or_(
+                StageJob.state == "queued",
+                and_(StageJob.state == "running", StageJob.picked_up_at < picked_up_before),
+            ),
+        )
         .order_by(StageJob.id)
         .limit(1)
     ).first()
 
 
-def mark_job_running(session: Session, job_id: int) -> bool:
-    """Move a queued job to running; False when another request took it first."""
+def mark_job_running(session: Session, job: StageJob) -> bool:
+    """Hand a job out: move it from queued to running, or renew the hand-out time of a running one.
 
-    result = session.execute(
-        update(StageJob)
-        .where(StageJob.id == job_id, StageJob.state == "queued")
-        .values(state="running", picked_up_at=utc_now())
-    )
+    The update matches the state and hand-out time that were read, so of two
+    requests that read the same row only one changes it: False for the other.
+    """
+
+    condition = [StageJob.id == job.id, StageJob.state == job.state]
+    if job.state == "running":
+        condition.append(StageJob.picked_up_at == job.picked_up_at)
+    result = session.execute(update(StageJob).where(*condition).values(state="running", picked_up_at=utc_now()))
     return result.rowcount == 1
 
 
@@ -153,10 +171,13 @@ def list_device_jobs(session: Session, deployment_id: str, device_id: str) -> li
     )
 
 
-def job_ids_after(session: Session, last_id: int, limit: int) -> list[tuple[int, str]]:
-    rows = session.execute(
-        select(StageJob.id, StageJob.device_id).where(StageJob.id > last_id).order_by(StageJob.id).limit(limit)
-    )
+def job_ids_after(session: Session, last_id: int, missing_ids: list[int], limit: int) -> list[tuple[int, str]]:
+    """Return (id, device id) of jobs above `last_id` or among `missing_ids`, in id order."""
+
+    condition = StageJob.id > last_id
+    if missing_ids:
+        condition = or_(condition, StageJob.id.in_(missing_ids))
+    rows = session.execute(select(StageJob.id, StageJob.device_id).where(condition).order_by(StageJob.id).limit(limit))
     return [(job_id, device_id) for job_id, device_id in rows]
 
 
@@ -165,10 +186,17 @@ def max_job_id(session: Session) -> int:
     return value or 0
 
 
-def abort_requests_after(session: Session, last_id: int, limit: int) -> list[tuple[int, str, str | None]]:
+def abort_requests_after(
+    session: Session, last_id: int, missing_ids: list[int], limit: int
+) -> list[tuple[int, str, str | None]]:
+    """Return (id, deployment id, device id) of abort requests above `last_id` or among `missing_ids`."""
+
+    condition = AbortRequest.id > last_id
+    if missing_ids:
+        condition = or_(condition, AbortRequest.id.in_(missing_ids))
     rows = session.execute(
         select(AbortRequest.id, AbortRequest.deployment_id, AbortRequest.device_id)
-        .where(AbortRequest.id > last_id)
+        .where(condition)
         .order_by(AbortRequest.id)
         .limit(limit)
     )

@@ -7,11 +7,9 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 
-from microupdates import search_attributes
-
+from microupdates.api.deployment_starts import start_deployment_workflow
 from microupdates.api.deps import State
 from microupdates.api.schemas import (
     AbortResult,
@@ -29,8 +27,6 @@ from microupdates.db.models import Deployment, DeploymentDevice, Update
 from microupdates.protocol.recipe import TargetSelection
 from microupdates.workflows.contracts import (
     ABORT_SIGNAL,
-    DEPLOYMENT_WORKFLOW,
-    DeploymentInput,
     deployment_workflow_id,
 )
 
@@ -53,22 +49,13 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
             return deployment.id, recipe.version, targets
 
     deployment_id, version, targets = await asyncio.to_thread(insert)
-    workflow_id = deployment_workflow_id(deployment_id)
     try:
-        await state.temporal.start_workflow(
-            DEPLOYMENT_WORKFLOW,
-            DeploymentInput(deployment_id=deployment_id),
-            id=workflow_id,
-            task_queue=state.settings.task_queue,
-            static_summary=f"deployment {deployment_id} of update {body.update_id} (version {version})",
-            search_attributes=TypedSearchAttributes([
-                SearchAttributePair(search_attributes.DEPLOYMENT_ID, deployment_id),
-                SearchAttributePair(search_attributes.UPDATE_VERSION, version),
-                SearchAttributePair(search_attributes.TARGET_GROUPS, targets.groups),
-                SearchAttributePair(search_attributes.STATUS, "in_progress"),
-            ]),
+        workflow_id = await start_deployment_workflow(
+            state.temporal, state.settings.task_queue, deployment_id, body.update_id, version, targets
         )
     except RPCError as error:
+        # NOTE: a start that reached Temporal but whose response was lost still runs,
+        # although the row says failed_to_start.
         reason = str(error).rstrip(".")
         message = f"Temporal did not accept deployment {deployment_id}: {reason}. Check that the Temporal server runs."
         logger.error(message)

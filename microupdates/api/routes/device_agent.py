@@ -60,7 +60,10 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
             if row is not None:
                 device_store.mark_device_seen(session, row, body.agent_version)
 
-    await asyncio.to_thread(mark_seen)
+    # The device row read by the authentication shows whether a write is due, so most
+    # check-ins open no transaction for it.
+    if device_store.device_seen_write_due(device, body.agent_version):
+        await asyncio.to_thread(mark_seen)
     response = await state.device_jobs.check_in(device.id, body.wait_seconds)
     state.metrics.check_ins.labels("job" if response.job is not None else "no_job").inc()
     return response
