@@ -123,7 +123,7 @@ def measure_rollout(size: int, arguments: argparse.Namespace, work_dir: Path) ->
     stack = start_stack(work_dir / "server")
     simulators = None
     try:
-        with OperatorApiClient(stack.api_url) as api:
+        with OperatorApiClient(stack.api_url, stack.admin_api_key) as api:
             update_id = api.create_update_from_file(write_update(work_dir / "update"))["id"]
 
             started = time.monotonic()

@@ -248,7 +248,7 @@ def run_microupdates(count: int, sources: dict[str, Path], work_dir: Path) -> di
     stack = start_stack(work_dir / "server")
     fleet = LocalFleet(server_url=stack.api_url, devices_dir=work_dir / "devices", long_poll_seconds=LONG_POLL_SECONDS)
     try:
-        with OperatorApiClient(stack.api_url) as api:
+        with OperatorApiClient(stack.api_url, stack.admin_api_key) as api:
             update_id = api.create_update_from_file(write_recipe(sources, group))["id"]
             for number in range(count):
                 name = f"host-{number:03d}"
