@@ -200,8 +200,10 @@ def test_agent_without_ca_logs_certificate_error(api, tls_api_url, tmp_path, uni
     assert not any(device["id"] == name for device in api.list_devices(1000))
 
 
-def test_cli_verifies_server_with_ca_file(tls_api_url, tls_files, tmp_path):
-    environment = isolated_environment(tmp_path, MICROUPDATES_SERVER=tls_api_url)
+def test_cli_verifies_server_with_ca_file(stack, tls_api_url, tls_files, tmp_path):
+    environment = isolated_environment(
+        tmp_path, MICROUPDATES_SERVER=tls_api_url, MICROUPDATES_API_KEY=stack.admin_api_key
+    )
 
     pinned = invoke(["--ca-file", str(tls_files.ca_file), "devices", "list", "--json"], environment)
     from_environment = invoke(["devices", "list", "--json"],

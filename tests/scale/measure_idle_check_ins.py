@@ -70,7 +70,7 @@ def main() -> None:
                               database_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
                 stack.start()
                 try:
-                    with OperatorApiClient(stack.api_url) as operator:
+                    with OperatorApiClient(stack.api_url, stack.admin_api_key) as operator:
                         tokens = [operator.register_device(f"idle-{index}", groups=["idle"])["token"]
                                   for index in range(DEVICES)]
                     api_pid = stack.processes["api"].pid

@@ -77,7 +77,7 @@ def claim_concurrently(databases: list[Database], device_id: str, picked_up_befo
                 claimed_ids.append(row.id)
 
     threads = [
-        threading.Thread(target=take, args=(DeviceJobs(database, client=None, notifier=None),))
+        threading.Thread(target=take, args=(DeviceJobs(database, client=None, notifier=None, signer=None),))
         for database in databases for _ in range(THREADS_PER_PROCESS)
     ]
     for thread in threads:
@@ -98,9 +98,9 @@ def test_hand_out_concurrent_check_ins_once(databases):
 
 def test_rehand_lost_job_once(databases):
     queued = queue_jobs(databases[0], "gw-2", 1, "lost")
-    first = DeviceJobs(databases[0], client=None, notifier=None).claim_next_row("gw-2", utc_now())
+    first = DeviceJobs(databases[0], client=None, notifier=None, signer=None).claim_next_row("gw-2", utc_now())
 
-    not_yet = DeviceJobs(databases[1], client=None, notifier=None).claim_next_row(
+    not_yet = DeviceJobs(databases[1], client=None, notifier=None, signer=None).claim_next_row(
         "gw-2", first.picked_up_at - timedelta(seconds=1)
     )
     # Check-ins that began after the first hand-out: exactly one of them gets the job again.
