@@ -16,7 +16,7 @@ from microupdates.api.metrics import ApiMetrics
 from microupdates.api.routes import deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
-from microupdates.errors import ConflictError, InvalidRequestError, NotFoundError
+from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, InvalidRequestError, NotFoundError
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
 from microupdates.settings import ServerSettings
 from microupdates.temporal_client import connect_temporal
@@ -79,3 +79,8 @@ def register_error_handlers(app: FastAPI) -> None:
             return JSONResponse(status_code=status_code, content={"detail": str(error)})
 
         app.add_exception_handler(error_type, handle)
+
+    def handle_enrolment_key(request: Request, error: EnrolmentKeyRejectedError) -> JSONResponse:
+        return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
+
+    app.add_exception_handler(EnrolmentKeyRejectedError, handle_enrolment_key)

@@ -19,6 +19,7 @@ from microupdates.device_agent.client import (
     JobGoneError,
 )
 from microupdates.device_agent.config import AgentConfig
+from microupdates.device_agent.credentials import DeviceCredentials
 from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
 from microupdates.device_agent.executors.commands import kill_process_group
 from microupdates.device_agent.journal import Journal
@@ -55,6 +56,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.artifact_dir = config.state_dir / "artifacts"
         self.client = DeviceApiClient(config.server_url, verify=str(config.ca_file) if config.ca_file else True)
+        self.credentials = DeviceCredentials(config, self.client)
 
     def run(self) -> None:
         """Run until the stop event is set."""
@@ -75,10 +77,9 @@ class Agent:
             self.client.close()
 
     def _ensure_credentials(self) -> None:
-        token = self.config.device_token or self.config.load_saved_token()
+        token = self.credentials.load()
         while token is None:
             token = self._enrol()
-        self.client.device_token = token
 
     def _enrol(self) -> Optional[str]:
         if not self.config.enrolment_key or not self.config.device_name:
@@ -91,7 +92,7 @@ class Agent:
             logger.warning("Enrolment of %s failed: %s", self.config.device_name, error)
             self._sleep(self.config.retry_max_seconds)
             return None
-        self.config.save_token(response.device_id, response.device_token)
+        self.credentials.save_enrolled(response.device_id, response.device_token)
         logger.info("Enrolled as device %s in groups %s", response.device_id, response.groups)
         return response.device_token
 
@@ -134,9 +135,12 @@ class Agent:
         failures = 0
         while not self.stop_event.is_set():
             try:
+                self.credentials.rotate_if_due()
                 response = self.client.check_in(__version__, self.config.long_poll_seconds)
                 failures = 0
             except CredentialsRejectedError as error:
+                if self.credentials.fall_back_after_rejection():
+                    continue
                 logger.error("The server rejected this device's token: %s", error)
                 failures += 1
                 self._sleep(self._backoff(failures))

@@ -9,7 +9,7 @@ accepted and changes nothing.
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,12 @@ class EnrolResponse(WireModel):
     groups: List[str]
 
 
+class TokenRotationResponse(WireModel):
+    """A new device token. The old one stays valid until a request first uses the new one."""
+
+    device_token: str
+
+
 class CheckInRequest(WireModel):
     agent_version: str
     wait_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
@@ -73,6 +79,10 @@ class StageJob(WireModel):
     command: Optional[CommandStage] = None
     files: List[FileEntry] = Field(default_factory=list)
     dependencies: Optional[Dependencies] = None
+    # Values of the secrets the command references as ${secret:NAME}, by name.
+    # The agent puts them into the command just before it runs and masks them
+    # in everything it reports; they are never written to the agent's disk.
+    secrets: Dict[str, str] = Field(default_factory=dict)
 
 
 class CheckInResponse(WireModel):

@@ -19,6 +19,7 @@ from microupdates.protocol.device_api import (
     ProgressResponse,
     StageReport,
     StageReportResponse,
+    TokenRotationResponse,
 )
 from microupdates.api.schemas import check_label
 
@@ -38,6 +39,15 @@ def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
     with state.database.session() as session:
         token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
     return EnrolResponse(device_id=device_id, device_token=token, groups=groups)
+
+
+@router.post("/token/rotate", response_model=TokenRotationResponse)
+def rotate_token(device: CurrentDevice, state: State) -> TokenRotationResponse:
+    """Issue the calling device a new token. The current one keeps working until a request uses the new one."""
+
+    with state.database.session() as session:
+        token = device_store.rotate_device_token(session, device.id)
+    return TokenRotationResponse(device_token=token)
 
 
 @router.post("/check-in", response_model=CheckInResponse)
