@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from microupdates.api.deps import CurrentDevice, State
 from microupdates.db import devices as device_store
+from microupdates.db import jobs as job_store
 from microupdates.db.models import Device
 from microupdates.protocol.device_api import (
     CheckInRequest,
@@ -83,14 +84,21 @@ async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, st
 
 @router.get("/artifacts/{sha256}")
 def download_artifact(sha256: str, device: CurrentDevice, state: State) -> FileResponse:
-    """Serve an uploaded file; HTTP Range requests let an interrupted download resume."""
+    """Serve a file of the device's running files stage; HTTP Range requests let an interrupted download resume.
 
-    # NOTE: any enrolled device may download any artifact; limiting downloads
-    # to the artifacts of the device's own jobs is not enforced yet.
+    An artifact that no running job of this device uses gets the same 404 as
+    one that does not exist, so a device learns nothing about other devices.
+    """
+
+    not_found = HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256!r} not found.")
+    with state.database.session() as session:
+        allowed = job_store.device_job_uses_artifact(session, device.id, sha256)
+    if not allowed:
+        raise not_found
     try:
         path = state.artifacts.path_for(sha256)
     except ValueError as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256!r} not found.") from error
+        raise not_found from error
     if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256} not found.")
+        raise not_found
     return FileResponse(path, media_type="application/octet-stream")
