@@ -13,7 +13,7 @@ from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
 from microupdates.api.metrics import ApiMetrics
-from microupdates.api.routes import deployments, device_agent, devices, updates
+from microupdates.api.routes import deployments, device_agent, devices, secrets, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
 from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, InvalidRequestError, NotFoundError
@@ -60,6 +60,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(devices.router, prefix=OPERATOR_API_PREFIX)
     app.include_router(updates.router, prefix=OPERATOR_API_PREFIX)
     app.include_router(deployments.router, prefix=OPERATOR_API_PREFIX)
+    app.include_router(secrets.router, prefix=OPERATOR_API_PREFIX)
     app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
     register_error_handlers(app)
     metrics.install(app)

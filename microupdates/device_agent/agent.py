@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from microupdates import __version__
 from microupdates.device_agent.client import (
@@ -32,6 +32,7 @@ from microupdates.protocol.device_api import (
     StageJob,
     StageReport,
 )
+from microupdates.protocol.secret_references import mask_report, mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Agent:
         self.journal.record_started(job, read_boot_id())
 
         abort_event = threading.Event()
-        tail = OutputTail()
+        tail = OutputTail(secret_values=list(job.secrets.values()))
         reporter = ProgressReporter(self.client, job, abort_event, tail)
         reporter.start()
         prune_change_logs(self.config.state_dir, keep_deployment=job.deployment_id)
@@ -178,7 +179,7 @@ class Agent:
                 state_dir=str(self.config.state_dir),
                 on_process_start=self.journal.record_process_group,
             )
-            report = run_stage(job, context)
+            report = mask_report(run_stage(job, context), job.secrets.values())
         finally:
             reporter.stop()
         self._clear_artifacts()
@@ -261,9 +262,10 @@ class OutputTail:
 
     MAX_BYTES = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, secret_values: Optional[List[str]] = None) -> None:
         self._data = b""
         self._lock = threading.Lock()
+        self._secret_values = secret_values or []
 
     def add(self, chunk: bytes) -> None:
         with self._lock:
@@ -271,7 +273,9 @@ class OutputTail:
 
     def text(self) -> str:
         with self._lock:
-            return self._data.decode("utf-8", errors="backslashreplace")
+            text = self._data.decode("utf-8", errors="backslashreplace")
+        # NOTE: a secret cut in two by the start of the tail is not masked.
+        return mask_secrets(text, self._secret_values) or ""
 
 
 class ProgressReporter:

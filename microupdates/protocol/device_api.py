@@ -80,8 +80,8 @@ class StageJob(WireModel):
     files: List[FileEntry] = Field(default_factory=list)
     dependencies: Optional[Dependencies] = None
     # Values of the secrets the command references as ${secret:NAME}, by name.
-    # The agent puts them into the command just before it runs and masks them
-    # in everything it reports; they are never written to the agent's disk.
+    # The agent passes them to the command in its environment, masks them in
+    # everything it reports, and never writes them to its disk.
     secrets: Dict[str, str] = Field(default_factory=dict)
 
 
