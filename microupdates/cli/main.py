@@ -1,6 +1,6 @@
 """The `microupdates` operator command line; it talks to the REST API only, except `demo`.
 
-Command groups: `devices`, `updates`, `deployments`, plus `deploy` and `demo`.
+Command groups: `devices`, `updates`, `deployments`, `secrets`, plus `deploy` and `demo`.
 The server address and API key come from `--server`, the environment or the
 config file (see `microupdates.cli.config`).
 """
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from microupdates.cli.api_client import OperatorApiError
-from microupdates.cli.commands import deployments, devices, updates
+from microupdates.cli.commands import deployments, devices, secrets, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
 from microupdates.cli.demo import BROKEN_RECIPE, EXAMPLE_RECIPE, run_demo
@@ -34,6 +34,7 @@ def demo_console() -> Console:
 app.add_typer(devices.app, name="devices")
 app.add_typer(updates.app, name="updates")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(secrets.app, name="secrets")
 app.command("deploy")(deploy)
 register_aliases(app)
 
