@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 import uuid
 
 import pytest
@@ -15,6 +16,8 @@ from temporalio.client import Client
 from microupdates.cli.api_client import OperatorApiError
 from microupdates.db.models import StageJob, Update
 from microupdates.db.session import Database
+from microupdates.device_agent.client import DeviceApiClient
+from microupdates.protocol.device_api import StageReport, StepResult
 from microupdates.workflows.contracts import deployment_workflow_id
 from tests.stack_helpers import wait_for_deployment, write_recipe
 
@@ -100,6 +103,38 @@ def test_secret_reaches_command_and_nothing_else(api, fleet, stack, tmp_path, un
     assert value not in stored_rows_text(stack, deployment_id)
     assert f"${{secret:{secret_name}}}" in stored_rows_text(stack, deployment_id)
     assert value not in api_log
+
+
+def test_server_masks_secret_an_agent_reported(api, stack, tmp_path, unique_name):
+    name = f"unmasked-{unique_name}"
+    secret_name = f"API_KEY_{unique_name}"
+    value = f"key-{uuid.uuid4().hex}"
+    token = api.register_device(name, groups=[name])["token"]
+    api.set_secret(secret_name, value)
+    recipe = {"version": "1.0.0", "targets": {"devices": [name]}, "before": {"run": f"echo ${{secret:{secret_name}}}"}}
+    deployment = api.deploy(api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))["id"])
+    client = DeviceApiClient(stack.api_url, token)
+    try:
+        job = None
+        deadline = time.monotonic() + 60
+        while job is None and time.monotonic() < deadline:
+            job = client.check_in("test", 5).job
+        assert job is not None
+        # An agent that does not mask, such as one older than secrets.
+        client.report_stage(job.job_id, StageReport(status="succeeded", exit_code=0, steps=[
+            StepResult(name="before", exit_code=0, output=f"{value}\n")]))
+    finally:
+        client.close()
+
+    detail = wait_for_deployment(api, deployment["id"], timeout=60)
+
+    assert job.secrets == {secret_name: value}
+    assert job.command.run == f"echo ${{secret:{secret_name}}}"
+    assert detail["status"] == "succeeded"
+    reported = json.dumps(api.read_device_result(deployment["id"], name))
+    assert "***" in reported
+    assert value not in reported
+    assert value not in stored_rows_text(stack, deployment["id"])
 
 
 def test_deployment_with_unknown_secret_is_rejected(api, tmp_path, unique_name):
