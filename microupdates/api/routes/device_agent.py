@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
@@ -13,6 +14,7 @@ from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
 from microupdates.db import secrets as secret_store
 from microupdates.db.models import Device
+from microupdates.errors import EnrolmentKeyRejectedError
 from microupdates.protocol.device_api import (
     CheckInRequest,
     CheckInResponse,
@@ -27,6 +29,8 @@ from microupdates.protocol.device_api import (
 from microupdates.protocol.secret_references import mask_report, recipe_command_texts, referenced_secret_names
 from microupdates.api.schemas import check_label
 
+logger = logging.getLogger(__name__)
+
 router = APIRouter(tags=["device agent"])
 
 
@@ -40,8 +44,13 @@ def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
     except ValueError as error:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"device_name or tags: {error}") from error
 
-    with state.database.session() as session:
-        token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
+    try:
+        with state.database.session() as session:
+            token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
+    except EnrolmentKeyRejectedError as error:
+        logger.warning("Enrolment of device %s rejected: %s", device_id, error)
+        raise
+    logger.info("Device %s enrolled in groups %s", device_id, groups)
     return EnrolResponse(device_id=device_id, device_token=token, groups=groups)
 
 
@@ -51,6 +60,7 @@ def rotate_token(device: CurrentDevice, state: State) -> TokenRotationResponse:
 
     with state.database.session() as session:
         token = device_store.rotate_device_token(session, device.id)
+    logger.info("Device %s rotated its token; the old one is valid until the new one is used", device.id)
     return TokenRotationResponse(device_token=token)
 
 

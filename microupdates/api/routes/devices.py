@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
@@ -20,6 +21,8 @@ from microupdates.api.schemas import (
 from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 from microupdates.db.models import utc_now
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["devices"])
 
@@ -75,6 +78,7 @@ def issue_device_token(device_id: str, state: State) -> DeviceCreated:
 
     with state.database.session() as session:
         token = device_store.issue_device_token(session, device_id)
+    logger.info("Issued a new token to device %s", device_id)
     return DeviceCreated(id=device_id, token=token)
 
 
@@ -84,6 +88,7 @@ def revoke_device_token(device_id: str, state: State) -> DevicePublic:
 
     with state.database.session() as session:
         device_store.revoke_device_token(session, device_id)
+        logger.info("Revoked the token of device %s", device_id)
         session.flush()
         view = device_store.load_device_view(session, device_id)
     return DevicePublic(**view.__dict__)
@@ -94,6 +99,8 @@ def create_enrolment_key(body: EnrolmentKeyCreate, state: State) -> EnrolmentKey
     expires_at = utc_now() + timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
     with state.database.session() as session:
         key, view = device_store.create_enrolment_key(session, body.group, body.tags, body.max_uses, expires_at)
+    logger.info("Created enrolment key %d for group %s (max uses %s, expires %s)", view.id, view.group,
+                view.max_uses or "unlimited", view.expires_at or "never")
     return EnrolmentKeyCreated(key=key, **view.__dict__)
 
 
@@ -112,4 +119,5 @@ def revoke_enrolment_key(key_id: int, state: State) -> EnrolmentKeyPublic:
 
     with state.database.session() as session:
         view = device_store.revoke_enrolment_key(session, key_id)
+    logger.info("Revoked enrolment key %d", key_id)
     return EnrolmentKeyPublic(**view.__dict__)
