@@ -144,6 +144,7 @@ def test_devices_revoke_and_issue_token(cli, api, stack, unique_name):
     old = api.register_device(name, groups=[name])["token"]
 
     revoked = cli("devices", "revoke-token", name)
+    shown_revoked = cli("devices", "show", name)
     issued = cli("devices", "issue-token", name, "--json")
     new = json.loads(issued.stdout)["token"]
 
@@ -152,6 +153,7 @@ def test_devices_revoke_and_issue_token(cli, api, stack, unique_name):
                           headers={"Authorization": f"Bearer {token}"}).status_code
 
     assert revoked.exit_code == 0, revoked.output
+    assert "revoked at" in shown_revoked.stdout
     assert issued.exit_code == 0, issued.output
     assert check_in(old) == 401
     assert check_in(new) == 200
