@@ -98,8 +98,12 @@ class EnrolmentKeyCreated(EnrolmentKeyPublic):
     key: str = Field(description="The fleet enrolment key; shown once, only its hash is stored.")
 
 
+MAX_SECRET_VALUE_BYTES = 64 * 1024
+
+
 class SecretSet(BaseModel):
-    value: str = Field(min_length=1, max_length=64 * 1024, description="The secret's value; never returned.")
+    # The length is checked by the route: pydantic's 422 would echo the value back.
+    value: str = Field(description=f"The secret's value, 1 to {MAX_SECRET_VALUE_BYTES} bytes as UTF-8; never returned.")
 
 
 class SecretPublic(BaseModel):

@@ -173,3 +173,15 @@ def test_secret_values_are_never_listed(api, unique_name):
 def test_invalid_secret_name_is_rejected(api):
     with pytest.raises(OperatorApiError, match="HTTP 422: '1bad' is not a valid secret name"):
         api.set_secret("1bad", "value")
+
+
+def test_oversized_secret_value_is_not_echoed(api, unique_name):
+    value = "v" * (64 * 1024 + 1)
+
+    with pytest.raises(OperatorApiError) as raised:
+        api.set_secret(f"BIG_{unique_name}", value)
+
+    assert raised.value.status_code == 422
+    assert str(raised.value).endswith(f"The value of secret 'BIG_{unique_name}' is 65537 bytes; "
+                                      "it must be 1 to 65536 bytes.")
+    assert "vvvv" not in str(raised.value)

@@ -7,8 +7,9 @@ import logging
 from fastapi import APIRouter, status
 
 from microupdates.api.deps import State
-from microupdates.api.schemas import SecretPublic, SecretSet
+from microupdates.api.schemas import MAX_SECRET_VALUE_BYTES, SecretPublic, SecretSet
 from microupdates.db import secrets as secret_store
+from microupdates.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ router = APIRouter(tags=["secrets"])
 def set_secret(name: str, body: SecretSet, state: State) -> None:
     """Create or replace a secret. Running deployments use the new value for jobs handed out from now on."""
 
+    size = len(body.value.encode("utf-8"))
+    if not 1 <= size <= MAX_SECRET_VALUE_BYTES:
+        raise InvalidRequestError(
+            f"The value of secret {name!r} is {size} bytes; it must be 1 to {MAX_SECRET_VALUE_BYTES} bytes."
+        )
     with state.database.session() as session:
         created = secret_store.set_secret(session, name, body.value)
     logger.info("Secret %s %s", name, "created" if created else "replaced")
