@@ -28,7 +28,7 @@ class DeviceCredentials:
         self._next_rotation_at = 0.0
 
     def load(self) -> Optional[str]:
-        """Set the client's token from the credentials file or the settings; None when there is neither."""
+        """Set the client's token from the credentials file or the settings and return it, or None when there is neither."""
 
         saved = self.config.load_credentials()
         if saved is not None:
@@ -55,7 +55,11 @@ class DeviceCredentials:
         if configured is None or configured == self.client.device_token:
             return False
         logger.warning("The server rejected the saved device token; using the configured device_token instead")
-        self.config.save_token(self._device_id, configured)
+        try:
+            self.config.save_token(self._device_id, configured)
+        except OSError as error:
+            # The token still works from memory; the next start falls back again.
+            logger.error("Could not save the device token to %s (%s)", self.config.credentials_path(), error)
         self._use(configured, time.time())
         return True
 
