@@ -28,7 +28,7 @@ class DeviceCredentials:
         self._next_rotation_at = 0.0
 
     def load(self) -> Optional[str]:
-        """Set the client's token from the credentials file or the settings and return it, or None when there is neither."""
+        """Set the client's token from the credentials file or the settings and return it; None when neither has one."""
 
         saved = self.config.load_credentials()
         if saved is not None:

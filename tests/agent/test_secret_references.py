@@ -54,7 +54,8 @@ def test_mask_replaces_longest_value_first():
 
 
 def test_mask_report_covers_error_and_steps():
-    report = StageReport(status="failed", error="bad v4lue", steps=[StepResult(name="s", output="v4lue\n", error="v4lue")])
+    step = StepResult(name="s", output="v4lue\n", error="v4lue")
+    report = StageReport(status="failed", error="bad v4lue", steps=[step])
 
     masked = mask_report(report, ["v4lue"])
 

@@ -118,7 +118,8 @@ def create_enrolment_key(
         Optional[list[str]], typer.Option("--tag", help="Tag that devices enrolling with this key get; repeatable.")
     ] = None,
     max_uses: Annotated[
-        Optional[int], typer.Option("--max-uses", min=1, help="How many devices may enrol with the key. Default: no limit.")
+        Optional[int],
+        typer.Option("--max-uses", min=1, help="How many devices may enrol with the key. Default: no limit."),
     ] = None,
     expires_in: Annotated[
         Optional[int],
