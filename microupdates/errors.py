@@ -15,3 +15,11 @@ class ConflictError(MicroupdatesError):
 
 class InvalidRequestError(MicroupdatesError):
     """Raised when a request is well formed but cannot be carried out, such as an empty target."""
+
+
+class EnrolmentKeyRejectedError(MicroupdatesError):
+    """Raised when a device enrols with a key that is unknown (401), or expired, used up or revoked (403)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code

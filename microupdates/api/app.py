@@ -21,10 +21,10 @@ from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
 from microupdates.api.job_signing import JobSigner
 from microupdates.api.metrics import ApiMetrics, TemporalCallCounter
-from microupdates.api.routes import api_keys, deployments, device_agent, devices, updates
+from microupdates.api.routes import api_keys, deployments, device_agent, devices, secrets, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
-from microupdates.errors import ConflictError, InvalidRequestError, NotFoundError
+from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, InvalidRequestError, NotFoundError
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
 from microupdates.settings import ServerSettings
 from microupdates.temporal_client import connect_temporal
@@ -72,7 +72,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     # Every operator route needs an API key whose role covers the route's entry in OPERATOR_ROUTE_ROLES.
-    for router in (devices.router, updates.router, deployments.router, api_keys.router):
+    for router in (devices.router, updates.router, deployments.router, secrets.router, api_keys.router):
         assign_operator_roles(router)
         app.include_router(router, prefix=OPERATOR_API_PREFIX, dependencies=[Security(authorize_operator)])
     app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
@@ -97,3 +97,8 @@ def register_error_handlers(app: FastAPI) -> None:
             return JSONResponse(status_code=status_code, content={"detail": str(error)})
 
         app.add_exception_handler(error_type, handle)
+
+    def handle_enrolment_key(request: Request, error: EnrolmentKeyRejectedError) -> JSONResponse:
+        return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
+
+    app.add_exception_handler(EnrolmentKeyRejectedError, handle_enrolment_key)

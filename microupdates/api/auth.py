@@ -36,7 +36,11 @@ OPERATOR_ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/devices"): ADMIN,
     ("PATCH", "/api/v1/devices/{device_id}"): ADMIN,
     ("DELETE", "/api/v1/devices/{device_id}"): ADMIN,
+    ("POST", "/api/v1/devices/{device_id}/token"): ADMIN,
+    ("POST", "/api/v1/devices/{device_id}/token/revoke"): ADMIN,
     ("POST", "/api/v1/enrolment-keys"): ADMIN,
+    ("GET", "/api/v1/enrolment-keys"): ADMIN,
+    ("POST", "/api/v1/enrolment-keys/{key_id}/revoke"): ADMIN,
 
     ("POST", "/api/v1/artifacts"): DEPLOYER,
     ("POST", "/api/v1/updates"): DEPLOYER,
@@ -49,6 +53,10 @@ OPERATOR_ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", "/api/v1/deployments/{deployment_id}/devices/{device_id}"): READ_ONLY,
     ("POST", "/api/v1/deployments/{deployment_id}/abort"): DEPLOYER,
     ("POST", "/api/v1/deployments/{deployment_id}/devices/{device_id}/abort"): DEPLOYER,
+
+    ("PUT", "/api/v1/secrets/{name}"): ADMIN,
+    ("GET", "/api/v1/secrets"): DEPLOYER,
+    ("DELETE", "/api/v1/secrets/{name}"): ADMIN,
 
     ("POST", "/api/v1/api-keys"): ADMIN,
     ("GET", "/api/v1/api-keys"): ADMIN,

@@ -14,6 +14,7 @@ from microupdates.api.job_notifier import JobNotifier, deployment_key, device_ke
 from microupdates.api.job_signing import JobSigner
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
+from microupdates.db import secrets as secret_store
 from microupdates.db.models import StageJob as StageJobRow
 from microupdates.db.models import utc_now
 from microupdates.db.session import Database
@@ -26,6 +27,7 @@ from microupdates.protocol.device_api import (
     StageReport,
 )
 from microupdates.protocol.recipe import CommandStage, DeviceTimeouts, Recipe
+from microupdates.protocol.secret_references import referenced_secret_names
 from microupdates.job_aborts import ABORTABLE_STAGES, end_queued_jobs, fail_job_aborted
 from microupdates.workflows.contracts import StageOutcome
 
@@ -165,11 +167,21 @@ class DeviceJobs:
         elif row.stage == ROLLBACK_COMMAND_STAGE and recipe.rollback.command:
             job.command = CommandStage(run=recipe.rollback.command,
                                        timeout_seconds=recipe.rollback.command_timeout_seconds)
+        if job.command is not None:
+            job.secrets = self._load_secrets(referenced_secret_names([job.command.run]))
         return job
 
     def _next_sequence(self, device_id: str) -> int:
         with self.database.session() as session:
             return job_store.next_job_sequence(session, device_id)
+
+    def _load_secrets(self, names: list[str]) -> dict[str, str]:
+        # A secret deleted since the deployment was created is left out; the
+        # agent then fails the stage with a message naming it.
+        if not names:
+            return {}
+        with self.database.session() as session:
+            return secret_store.load_secret_values(session, names)
 
     def _load_recipe(self, deployment_id: str) -> tuple[Recipe, DeviceTimeouts]:
         # Updates never change after creation, so their recipes are cached per process.

@@ -60,20 +60,57 @@ class DevicePublic(BaseModel):
     created_at: datetime
     last_seen_at: datetime | None
     agent_version: str | None
+    token_revoked_at: datetime | None = Field(
+        default=None, description="When the device's token was revoked; null while it has a valid token."
+    )
 
 
 class EnrolmentKeyCreate(BaseModel):
     group: str
+    tags: list[str] = Field(default_factory=list, description="Tags every device enrolled with the key gets.")
+    max_uses: int | None = Field(default=None, ge=1, description="How many devices may enrol; null for no limit.")
+    expires_in_seconds: int | None = Field(
+        default=None, ge=1, le=10 * 365 * 86400, description="Seconds from now until the key expires; null for never."
+    )
 
     @field_validator("group")
     @classmethod
     def check_group(cls, value: str) -> str:
         return check_label(value)
 
+    @field_validator("tags")
+    @classmethod
+    def check_tags(cls, values: list[str]) -> list[str]:
+        return [check_label(value) for value in values]
 
-class EnrolmentKeyCreated(BaseModel):
-    key: str = Field(description="The fleet enrolment key; shown once.")
+
+class EnrolmentKeyPublic(BaseModel):
+    id: int
     group: str
+    tags: list[str]
+    max_uses: int | None
+    use_count: int
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+
+class EnrolmentKeyCreated(EnrolmentKeyPublic):
+    key: str = Field(description="The fleet enrolment key; shown once, only its hash is stored.")
+
+
+MAX_SECRET_VALUE_BYTES = 64 * 1024
+
+
+class SecretSet(BaseModel):
+    # The length is checked by the route: pydantic's 422 would echo the value back.
+    value: str = Field(description=f"The secret's value, 1 to {MAX_SECRET_VALUE_BYTES} bytes as UTF-8; never returned.")
+
+
+class SecretPublic(BaseModel):
+    name: str
+    created_at: datetime
+    updated_at: datetime
 
 
 class ArtifactPublic(BaseModel):

@@ -101,8 +101,37 @@ class OperatorApiClient:
             body["tags"] = tags
         return self._request("PATCH", f"/devices/{device_id}", json=body)
 
-    def create_enrolment_key(self, group: str) -> dict[str, Any]:
-        return self._request("POST", "/enrolment-keys", json={"group": group})
+    def create_enrolment_key(
+        self, group: str, tags: list[str] | None = None, max_uses: int | None = None,
+        expires_in_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"group": group, "tags": tags or []}
+        if max_uses is not None:
+            body["max_uses"] = max_uses
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return self._request("POST", "/enrolment-keys", json=body)
+
+    def list_enrolment_keys(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/enrolment-keys")
+
+    def revoke_enrolment_key(self, key_id: int) -> dict[str, Any]:
+        return self._request("POST", f"/enrolment-keys/{key_id}/revoke")
+
+    def issue_device_token(self, device_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/devices/{device_id}/token")
+
+    def revoke_device_token(self, device_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/devices/{device_id}/token/revoke")
+
+    def set_secret(self, name: str, value: str) -> None:
+        self._request("PUT", f"/secrets/{name}", json={"value": value})
+
+    def list_secrets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/secrets")
+
+    def delete_secret(self, name: str) -> None:
+        self._request("DELETE", f"/secrets/{name}")
 
     def remove_device(self, device_id: str) -> None:
         self._request("DELETE", f"/devices/{device_id}")

@@ -1,6 +1,6 @@
 """The `microupdates` operator command line; it talks to the REST API only, except `demo`.
 
-Command groups: `devices`, `updates`, `deployments`, `api-keys`, plus `deploy` and `demo`.
+Command groups: `devices`, `updates`, `deployments`, `secrets`, `api-keys`, plus `deploy` and `demo`.
 The server address and API key come from `--server`, the environment or the
 config file (see `microupdates.cli.config`).
 """
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from microupdates.cli.api_client import OperatorApiError
-from microupdates.cli.commands import api_keys, deployments, devices, updates
+from microupdates.cli.commands import api_keys, deployments, devices, secrets, updates
 from microupdates.cli.commands.aliases import register_aliases
 from microupdates.cli.commands.deploy import deploy
 from microupdates.cli.connection import api_key_option, ca_file_option
@@ -36,6 +36,7 @@ app.add_typer(devices.app, name="devices")
 app.add_typer(updates.app, name="updates")
 app.add_typer(deployments.app, name="deployments")
 app.add_typer(api_keys.app, name="api-keys")
+app.add_typer(secrets.app, name="secrets")
 app.command("deploy")(deploy)
 register_aliases(app)
 

@@ -82,6 +82,8 @@ def device_details_table(device: dict[str, Any]) -> Table:
     table.add_row("registered", format_timestamp(device["created_at"]))
     table.add_row("last seen", format_timestamp(device["last_seen_at"]) or "never")
     table.add_row("agent version", device["agent_version"] or "unknown")
+    revoked_at = device.get("token_revoked_at")
+    table.add_row("token", f"revoked at {format_timestamp(revoked_at)}" if revoked_at else "valid")
     return table
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from microupdates.db.models import Device, DeviceGroup, DeviceTag, EnrolmentKey, utc_now
-from microupdates.errors import ConflictError, NotFoundError
+from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, NotFoundError
 
 LAST_SEEN_WRITE_INTERVAL = timedelta(seconds=60)
 
@@ -34,6 +34,19 @@ class DeviceView:
     created_at: datetime
     last_seen_at: datetime | None
     agent_version: str | None
+    token_revoked_at: datetime | None = None
+
+
+@dataclass
+class EnrolmentKeyView:
+    id: int
+    group: str
+    tags: list[str]
+    max_uses: int | None
+    use_count: int
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
 
 
 def register_device(session: Session, device_id: str, groups: list[str], tags: list[str]) -> str:
@@ -73,7 +86,62 @@ def remove_device(session: Session, device_id: str, active_deployments: list[str
 
 
 def authenticate_device(session: Session, token: str) -> Device | None:
-    return session.scalars(select(Device).where(Device.token_hash == hash_secret(token))).first()
+    """Return the device whose current or pending token this is; a pending token becomes current on first use.
+
+    A revoked token, and the token a device rotated away from once its new
+    one was used, match no row, just like an unknown token.
+    """
+
+    token_hash = hash_secret(token)
+    device = session.scalars(
+        select(Device).where(or_(Device.token_hash == token_hash, Device.pending_token_hash == token_hash))
+    ).first()
+    if device is not None and device.pending_token_hash == token_hash:
+        device.token_hash = token_hash
+        device.pending_token_hash = None
+        # Callers may expunge the row, which would drop an unflushed change.
+        session.flush()
+    return device
+
+
+def rotate_device_token(session: Session, device_id: str) -> str:
+    """Give a device a pending new token; its current token stays valid until the new one is first used.
+
+    Rotating again before the new token was used replaces the pending one, so
+    an agent that lost the response can simply ask again.
+    """
+
+    device = _load_device(session, device_id)
+    token = new_secret()
+    device.pending_token_hash = hash_secret(token)
+    return token
+
+
+def issue_device_token(session: Session, device_id: str) -> str:
+    """Replace a device's tokens, current and pending, with a new one; the old ones stop working at once."""
+
+    device = _load_device(session, device_id)
+    token = new_secret()
+    device.token_hash = hash_secret(token)
+    device.pending_token_hash = None
+    device.token_revoked_at = None
+    return token
+
+
+def revoke_device_token(session: Session, device_id: str) -> None:
+    """Invalidate a device's tokens until an operator issues a new one."""
+
+    device = _load_device(session, device_id)
+    device.token_hash = None
+    device.pending_token_hash = None
+    device.token_revoked_at = utc_now()
+
+
+def _load_device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"Device {device_id!r} not found.")
+    return device
 
 
 def mark_device_seen(session: Session, device: Device, agent_version: str) -> None:
@@ -95,10 +163,7 @@ def device_seen_write_due(device: Device, agent_version: str) -> bool:
 
 
 def load_device_view(session: Session, device_id: str) -> DeviceView:
-    device = session.get(Device, device_id)
-    if device is None:
-        raise NotFoundError(f"Device {device_id!r} not found.")
-    return _device_view(session, device)
+    return _device_view(session, _load_device(session, device_id))
 
 
 def list_device_views(session: Session, limit: int, after: str | None) -> list[DeviceView]:
@@ -118,20 +183,104 @@ def _device_view(session: Session, device: Device) -> DeviceView:
         created_at=device.created_at,
         last_seen_at=device.last_seen_at,
         agent_version=device.agent_version,
+        token_revoked_at=device.token_revoked_at,
     )
 
 
-def create_enrolment_key(session: Session, group: str) -> str:
+def create_enrolment_key(
+    session: Session,
+    group: str,
+    tags: list[str] | None = None,
+    max_uses: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[str, EnrolmentKeyView]:
+    """Insert a fleet enrolment key and return it (only its hash is stored) with its settings."""
+
     key = new_secret()
-    session.add(EnrolmentKey(key_hash=hash_secret(key), group_name=group))
-    return key
+    row = EnrolmentKey(
+        key_hash=hash_secret(key), group_name=group, tags=sorted(set(tags or [])), max_uses=max_uses,
+        use_count=0, expires_at=expires_at,
+    )
+    session.add(row)
+    session.flush()
+    return key, _enrolment_key_view(row)
+
+
+def list_enrolment_keys(session: Session) -> list[EnrolmentKeyView]:
+    return [_enrolment_key_view(row) for row in session.scalars(select(EnrolmentKey).order_by(EnrolmentKey.id))]
+
+
+def revoke_enrolment_key(session: Session, key_id: int) -> EnrolmentKeyView:
+    """Stop a key from enrolling more devices; devices it enrolled keep their tokens."""
+
+    row = session.get(EnrolmentKey, key_id)
+    if row is None:
+        raise NotFoundError(f"Enrolment key {key_id} not found.")
+    if row.revoked_at is None:
+        row.revoked_at = utc_now()
+    return _enrolment_key_view(row)
 
 
 def enrol_device(session: Session, enrolment_key: str, device_id: str, tags: list[str]) -> tuple[str, list[str]]:
-    """Register a device that presents a fleet enrolment key; return its token and groups."""
+    """Register a device that presents a fleet enrolment key; return its token and groups.
+
+    The key's tags are added to the device's own. The use is counted with a
+    conditional UPDATE, so two devices enrolling at once cannot both take
+    the last use; a failed registration rolls the count back with the
+    transaction.
+    """
 
     key = session.scalars(select(EnrolmentKey).where(EnrolmentKey.key_hash == hash_secret(enrolment_key))).first()
     if key is None:
-        raise NotFoundError("The enrolment key is not valid.")
-    token = register_device(session, device_id, [key.group_name], tags)
+        raise EnrolmentKeyRejectedError("The enrolment key is not valid; ask the operator for a new key.", 401)
+    _check_enrolment_key_usable(key)
+
+    counted = session.execute(
+        update(EnrolmentKey)
+        .where(EnrolmentKey.id == key.id)
+        .where(or_(EnrolmentKey.max_uses.is_(None), EnrolmentKey.use_count < EnrolmentKey.max_uses))
+        .values(use_count=EnrolmentKey.use_count + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if counted.rowcount != 1:
+        raise EnrolmentKeyRejectedError(_used_up_message(key.max_uses or 0), 403)
+
+    token = register_device(session, device_id, [key.group_name], sorted(set(tags) | set(key.tags or [])))
     return token, [key.group_name]
+
+
+def _check_enrolment_key_usable(key: EnrolmentKey) -> None:
+    if key.revoked_at is not None:
+        raise EnrolmentKeyRejectedError(
+            f"The enrolment key was revoked at {_as_utc(key.revoked_at).isoformat()}; ask the operator for a new key.",
+            403,
+        )
+    if key.expires_at is not None and _as_utc(key.expires_at) <= utc_now():
+        raise EnrolmentKeyRejectedError(
+            f"The enrolment key expired at {_as_utc(key.expires_at).isoformat()}; ask the operator for a new key.",
+            403,
+        )
+    if key.max_uses is not None and key.use_count >= key.max_uses:
+        raise EnrolmentKeyRejectedError(_used_up_message(key.max_uses), 403)
+
+
+def _used_up_message(max_uses: int) -> str:
+    return f"The enrolment key has been used {max_uses} of {max_uses} times; ask the operator for a new key."
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes for values stored in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _enrolment_key_view(row: EnrolmentKey) -> EnrolmentKeyView:
+    return EnrolmentKeyView(
+        id=row.id,
+        group=row.group_name,
+        tags=list(row.tags or []),
+        max_uses=row.max_uses,
+        use_count=row.use_count or 0,
+        expires_at=_as_utc(row.expires_at) if row.expires_at else None,
+        revoked_at=_as_utc(row.revoked_at) if row.revoked_at else None,
+        created_at=_as_utc(row.created_at),
+    )

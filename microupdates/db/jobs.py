@@ -9,7 +9,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import AbortRequest, DeviceJobSequence, StageJob, utc_now
+from microupdates.db.models import AbortRequest, Deployment, DeviceJobSequence, StageJob, Update, utc_now
 from microupdates.errors import NotFoundError
 
 CHECK_IN_STAGE = "check_in"
@@ -159,6 +159,18 @@ def load_device_job(session: Session, job_id: int, device_id: str) -> StageJob:
     if job is None or job.device_id != device_id:
         raise NotFoundError(f"Job {job_id} not found.")
     return job
+
+
+def device_job_uses_artifact(session: Session, device_id: str, sha256: str) -> bool:
+    """Return whether a running files job of this device belongs to an update whose recipe lists the artifact."""
+
+    recipes = session.scalars(
+        select(Update.recipe)
+        .join(Deployment, Deployment.update_id == Update.id)
+        .join(StageJob, StageJob.deployment_id == Deployment.id)
+        .where(StageJob.device_id == device_id, StageJob.stage == "files", StageJob.state == "running")
+    )
+    return any(entry.get("artifact") == sha256 for recipe in recipes for entry in recipe.get("files") or [])
 
 
 def list_device_jobs(session: Session, deployment_id: str, device_id: str) -> list[StageJob]:

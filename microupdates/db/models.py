@@ -26,7 +26,11 @@ class Device(Base):
     __tablename__ = "devices"
 
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # None while the token is revoked.
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # A token the device asked for by rotation; it replaces token_hash when first used.
+    pending_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    token_revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     agent_version: Mapped[str | None] = mapped_column(String(64))
@@ -53,6 +57,24 @@ class EnrolmentKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     group_name: Mapped[str] = mapped_column(String(63))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # None means no limit.
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Secret(Base):
+    """A value that recipes reference as ${secret:NAME}; the API sends it to devices and never returns it."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # NOTE: stored in plain text; the database's own access control is its only protection.
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
 class ApiKey(Base):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from microupdates import __version__
 from microupdates.device_agent.client import (
@@ -19,6 +19,7 @@ from microupdates.device_agent.client import (
     JobGoneError,
 )
 from microupdates.device_agent.config import AgentConfig
+from microupdates.device_agent.credentials import DeviceCredentials
 from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
 from microupdates.device_agent.executors.commands import kill_process_group
 from microupdates.device_agent.job_verification import REJECTION_PREFIX, JobRejectedError, JobVerifier
@@ -33,6 +34,7 @@ from microupdates.protocol.device_api import (
     StageJob,
     StageReport,
 )
+from microupdates.protocol.secret_references import mask_report, mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.artifact_dir = config.state_dir / "artifacts"
         self.client = DeviceApiClient(config.server_url, verify=config.tls_verification())
+        self.credentials = DeviceCredentials(config, self.client)
         self.verifier = JobVerifier(config.state_dir, config.server_public_key)
 
     def run(self) -> None:
@@ -78,10 +81,9 @@ class Agent:
             self.client.close()
 
     def _ensure_credentials(self) -> None:
-        token = self.config.device_token or self.config.load_saved_token()
+        token = self.credentials.load()
         while token is None:
             token = self._enrol()
-        self.client.device_token = token
         while not self.verifier.is_pinned():
             self._pin_server_key()
 
@@ -112,7 +114,7 @@ class Agent:
             logger.warning("Enrolment of %s failed: %s", self.config.device_name, error)
             self._sleep(self.config.retry_max_seconds)
             return None
-        self.config.save_token(response.device_id, response.device_token)
+        self.credentials.save_enrolled(response.device_id, response.device_token)
         try:
             self.verifier.pin(response.device_id, response.server_public_key)
         except JobRejectedError as error:
@@ -159,9 +161,12 @@ class Agent:
         failures = 0
         while not self.stop_event.is_set():
             try:
+                self.credentials.rotate_if_due()
                 response = self.client.check_in(__version__, self.config.long_poll_seconds)
                 failures = 0
             except CredentialsRejectedError as error:
+                if self.credentials.fall_back_after_rejection():
+                    continue
                 logger.error("The server rejected this device's token: %s", error)
                 failures += 1
                 self._sleep(self._backoff(failures))
@@ -198,7 +203,7 @@ class Agent:
         self.journal.record_started(job, read_boot_id())
 
         abort_event = threading.Event()
-        tail = OutputTail()
+        tail = OutputTail(secret_values=list(job.secrets.values()))
         reporter = ProgressReporter(self.client, job, abort_event, tail)
         reporter.start()
         prune_change_logs(self.config.state_dir, keep_deployment=job.deployment_id)
@@ -212,7 +217,7 @@ class Agent:
                 state_dir=str(self.config.state_dir),
                 on_process_start=self.journal.record_process_group,
             )
-            report = run_stage(job, context)
+            report = mask_report(run_stage(job, context), job.secrets.values())
         finally:
             reporter.stop()
         self._clear_artifacts()
@@ -298,9 +303,10 @@ class OutputTail:
 
     MAX_BYTES = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, secret_values: Optional[List[str]] = None) -> None:
         self._data = b""
         self._lock = threading.Lock()
+        self._secret_values = secret_values or []
 
     def add(self, chunk: bytes) -> None:
         with self._lock:
@@ -308,7 +314,9 @@ class OutputTail:
 
     def text(self) -> str:
         with self._lock:
-            return self._data.decode("utf-8", errors="backslashreplace")
+            text = self._data.decode("utf-8", errors="backslashreplace")
+        # NOTE: a secret cut in two by the start of the tail is not masked.
+        return mask_secrets(text, self._secret_values) or ""
 
 
 class ProgressReporter:

@@ -21,6 +21,7 @@ from microupdates.protocol.device_api import (
     ProgressReport,
     ProgressResponse,
     StageReport,
+    TokenRotationResponse,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class DeviceApiClient:
         body = EnrolRequest(enrolment_key=enrolment_key, device_name=device_name, tags=tags)
         response = self._request("POST", "/enrol", json=body.model_dump(), authenticated=False)
         return EnrolResponse.model_validate(response.json())
+
+    def rotate_token(self) -> str:
+        """Ask for a new device token; the current one stays valid until a request uses the new one."""
+
+        response = self._request("POST", "/token/rotate", json={})
+        return TokenRotationResponse.model_validate(response.json()).device_token
 
     def check_in(self, agent_version: str, wait_seconds: int) -> CheckInResponse:
         body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds)

@@ -7,6 +7,7 @@ from typing import Dict, List
 from microupdates.device_agent.executors.commands import run_command
 from microupdates.device_agent.stage_context import StageContext
 from microupdates.protocol.device_api import StageJob, StepResult
+from microupdates.protocol.secret_references import MissingSecretError, resolve_secret_references
 
 
 def run_command_stage(job: StageJob, context: StageContext, env: Dict[str, str], cwd: str) -> List[StepResult]:
@@ -25,11 +26,16 @@ def run_command_stage(job: StageJob, context: StageContext, env: Dict[str, str],
             )
         ]
 
+    try:
+        script, secret_env = resolve_secret_references(job.command.run, job.secrets)
+    except MissingSecretError as error:
+        return [StepResult(name=job.stage, error=str(error))]
+
     result = run_command(
-        job.command.run,
+        script,
         name=job.stage,
         timeout_seconds=job.command.timeout_seconds,
-        env=env,
+        env=dict(env, **secret_env),
         cwd=cwd,
         abort_event=context.abort_event,
         on_output=context.on_output,

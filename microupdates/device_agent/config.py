@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -17,6 +18,7 @@ from microupdates.protocol.device_api import DEFAULT_LONG_POLL_SECONDS, MAX_LONG
 CREDENTIALS_FILE = "credentials.json"
 DEFAULT_STATE_DIR = "/var/lib/microupdates-agent"
 DEFAULT_REBOOT_COMMAND = ["systemctl", "reboot"]
+DEFAULT_TOKEN_ROTATION_SECONDS = 30 * 86400
 # Variables copied from the agent's environment into every stage, when set:
 # proxies and CA bundles that package managers need behind a corporate proxy.
 DEFAULT_PASS_ENVIRONMENT = [
@@ -54,6 +56,8 @@ class AgentConfig(BaseModel):
     # Simulated devices (tests, the demo) restart the agent process instead of rebooting the host.
     restart_instead_of_reboot: bool = False
     pass_environment: List[str] = Field(default_factory=lambda: list(DEFAULT_PASS_ENVIRONMENT))
+    # The agent asks for a new device token when the one in the credentials file is this old; 0 turns it off.
+    token_rotation_seconds: int = Field(default=DEFAULT_TOKEN_ROTATION_SECONDS, ge=0)
 
     @field_validator("server_url")
     @classmethod
@@ -94,23 +98,38 @@ class AgentConfig(BaseModel):
     def credentials_path(self) -> Path:
         return self.state_dir / CREDENTIALS_FILE
 
-    def load_saved_token(self) -> Optional[str]:
+    def load_credentials(self) -> Optional[dict]:
+        """Return the saved credentials: `device_token`, and `device_id` and `saved_at` (Unix time) when known."""
+
         try:
             with open(self.credentials_path(), "r", encoding="utf-8") as handle:
-                return json.load(handle)["device_token"]
+                return json.load(handle)
         except FileNotFoundError:
             return None
 
-    def save_token(self, device_id: str, token: str) -> None:
+    def save_token(self, device_id: Optional[str], token: str) -> None:
+        """Replace the credentials file atomically: write a new file, fsync it, rename it over the old one."""
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.credentials_path()
         temporary = path.with_name(path.name + ".tmp")
         descriptor = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump({"device_id": device_id, "device_token": token}, handle)
+            json.dump({"device_id": device_id, "device_token": token, "saved_at": time.time()}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        fsync_directory(self.state_dir)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside `path` durable across a power loss."""
+
+    descriptor = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_config(path: Optional[Path], overrides: dict) -> AgentConfig:

@@ -34,7 +34,7 @@ class Journal:
     def record_started(self, job: StageJob, boot_id: str) -> None:
         """Record a stage about to run; `boot_id` shows after a restart whether its processes can still exist."""
 
-        self._write({"job": job.model_dump(mode="json"), "state": "running", "process_groups": [], "boot_id": boot_id})
+        self._write({"job": job_on_disk(job), "state": "running", "process_groups": [], "boot_id": boot_id})
 
     def record_process_group(self, process_group: int) -> None:
         """Remember a stage's process group, so one left running by a crash is killed at the next start."""
@@ -46,10 +46,10 @@ class Journal:
         self._write(entry)
 
     def record_rebooting(self, job: StageJob, boot_id: str) -> None:
-        self._write({"job": job.model_dump(mode="json"), "state": "rebooting", "boot_id": boot_id})
+        self._write({"job": job_on_disk(job), "state": "rebooting", "boot_id": boot_id})
 
     def record_finished(self, job: StageJob, report: StageReport) -> None:
-        self._write({"job": job.model_dump(mode="json"), "state": "finished", "report": report.model_dump(mode="json")})
+        self._write({"job": job_on_disk(job), "state": "finished", "report": report.model_dump(mode="json")})
 
     def clear(self) -> None:
         try:
@@ -66,6 +66,12 @@ class Journal:
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)
         fsync_directory(self.path.parent)
+
+
+def job_on_disk(job: StageJob) -> dict:
+    # Secret values stay in memory only; a job read back from the journal is
+    # used to report it, never to run it again.
+    return job.model_dump(mode="json", exclude={"secrets"})
 
 
 def fsync_directory(path: Path) -> None:

@@ -66,6 +66,12 @@ class DeviceIdentity(WireModel):
     server_public_key: str
 
 
+class TokenRotationResponse(WireModel):
+    """A new device token. The old one stays valid until a request first uses the new one."""
+
+    device_token: str
+
+
 class CheckInRequest(WireModel):
     agent_version: str
     wait_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
@@ -88,6 +94,10 @@ class StageJob(WireModel):
     sequence: int = 0
     # When the API handed the job out, ISO 8601 in UTC.
     issued_at: Optional[str] = None
+    # Values of the secrets the command references as ${secret:NAME}, by name.
+    # The agent passes them to the command in its environment, masks them in
+    # everything it reports, and never writes them to its disk.
+    secrets: Dict[str, str] = Field(default_factory=dict)
 
 
 class CheckInResponse(WireModel):

@@ -115,3 +115,45 @@ def test_devices_enrolment_key_lets_a_device_enrol(cli, stack, unique_name):
                           json={"enrolment_key": key, "device_name": f"enrolled-{unique_name}"})
     assert enrolled.status_code == 201
     assert enrolled.json()["groups"] == [f"fleet-{unique_name}"]
+
+
+def test_devices_enrolment_key_limits_and_revoke(cli, stack, unique_name):
+    created = cli("devices", "enrolment-key", "--group", f"batch-{unique_name}", "--tag", "rack-3",
+                  "--max-uses", "1", "--expires-in", "3600", "--json")
+    key = json.loads(created.stdout)
+    first = httpx.post(f"{stack.api_url}/device/v1/enrol",
+                       json={"enrolment_key": key["key"], "device_name": f"batch-a-{unique_name}"})
+    second = httpx.post(f"{stack.api_url}/device/v1/enrol",
+                        json={"enrolment_key": key["key"], "device_name": f"batch-b-{unique_name}"})
+    listed = cli("devices", "enrolment-keys", "--json")
+    revoked = cli("devices", "revoke-enrolment-key", str(key["id"]))
+
+    assert created.exit_code == 0, created.output
+    assert key["max_uses"] == 1
+    assert key["tags"] == ["rack-3"]
+    assert key["expires_at"] is not None
+    assert first.status_code == 201
+    assert second.status_code == 403
+    assert second.json()["detail"].startswith("The enrolment key has been used 1 of 1 times")
+    assert [row["use_count"] for row in json.loads(listed.stdout) if row["id"] == key["id"]] == [1]
+    assert revoked.exit_code == 0, revoked.output
+
+
+def test_devices_revoke_and_issue_token(cli, api, stack, unique_name):
+    name = f"tokens-{unique_name}"
+    old = api.register_device(name, groups=[name])["token"]
+
+    revoked = cli("devices", "revoke-token", name)
+    shown_revoked = cli("devices", "show", name)
+    issued = cli("devices", "issue-token", name, "--json")
+    new = json.loads(issued.stdout)["token"]
+
+    def check_in(token: str) -> int:
+        return httpx.post(f"{stack.api_url}/device/v1/check-in", json={"agent_version": "cli-test", "wait_seconds": 0},
+                          headers={"Authorization": f"Bearer {token}"}).status_code
+
+    assert revoked.exit_code == 0, revoked.output
+    assert "revoked at" in shown_revoked.stdout
+    assert issued.exit_code == 0, issued.output
+    assert check_in(old) == 401
+    assert check_in(new) == 200

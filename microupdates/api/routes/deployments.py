@@ -7,6 +7,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
+from sqlalchemy.orm import Session
 from temporalio.service import RPCError
 
 from microupdates.api.deployment_starts import start_deployment_workflow
@@ -23,8 +24,11 @@ from microupdates.api.schemas import (
 )
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
+from microupdates.db import secrets as secret_store
 from microupdates.db.models import Deployment, DeploymentDevice, Update
-from microupdates.protocol.recipe import TargetSelection
+from microupdates.errors import InvalidRequestError
+from microupdates.protocol.recipe import Recipe, TargetSelection
+from microupdates.protocol.secret_references import recipe_command_texts, referenced_secret_names
 from microupdates.workflows.contracts import (
     ABORT_SIGNAL,
     deployment_workflow_id,
@@ -44,6 +48,7 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
     def insert() -> tuple[str, str, TargetSelection]:
         with state.database.session() as session:
             recipe = deployment_store.load_recipe(session, body.update_id)
+            check_recipe_secrets_exist(session, recipe)
             targets = body.targets or recipe.targets
             deployment = deployment_store.create_deployment(session, body.update_id, targets, body.timeouts)
             return deployment.id, recipe.version, targets
@@ -189,3 +194,15 @@ def stage_public(job) -> StageResultPublic:
         reported_at=job.reported_at,
         steps=report.get("steps", []),
     )
+
+
+def check_recipe_secrets_exist(session: Session, recipe: Recipe) -> None:
+    """Raise InvalidRequestError (422) naming each secret the recipe references that the store does not hold."""
+
+    names = referenced_secret_names(recipe_command_texts(recipe))
+    missing = secret_store.missing_secret_names(session, names)
+    if missing:
+        raise InvalidRequestError(
+            f"The recipe references unknown secret(s) {', '.join(missing)}; "
+            "set each with PUT /api/v1/secrets/NAME, then deploy again."
+        )

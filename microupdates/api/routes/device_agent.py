@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
 from microupdates.api.deps import CurrentDevice, State
+from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
+from microupdates.db import jobs as job_store
+from microupdates.db import secrets as secret_store
 from microupdates.db.models import Device
+from microupdates.errors import EnrolmentKeyRejectedError
 from microupdates.protocol.device_api import (
     CheckInRequest,
     CheckInResponse,
@@ -20,8 +25,12 @@ from microupdates.protocol.device_api import (
     ProgressResponse,
     StageReport,
     StageReportResponse,
+    TokenRotationResponse,
 )
+from microupdates.protocol.secret_references import mask_report, recipe_command_texts, referenced_secret_names
 from microupdates.api.schemas import check_label
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["device agent"])
 
@@ -36,8 +45,13 @@ def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
     except ValueError as error:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"device_name or tags: {error}") from error
 
-    with state.database.session() as session:
-        token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
+    try:
+        with state.database.session() as session:
+            token, groups = device_store.enrol_device(session, body.enrolment_key, device_id, tags)
+    except EnrolmentKeyRejectedError as error:
+        logger.warning("Enrolment of device %s rejected: %s", device_id, error)
+        raise
+    logger.info("Device %s enrolled in groups %s", device_id, groups)
     return EnrolResponse(
         device_id=device_id, device_token=token, groups=groups, server_public_key=state.signer.public_key_text
     )
@@ -48,6 +62,16 @@ def read_identity(device: CurrentDevice, state: State) -> DeviceIdentity:
     """Return the device's id and the server's job-signing key, for an agent given a token instead of enrolling."""
 
     return DeviceIdentity(device_id=device.id, server_public_key=state.signer.public_key_text)
+
+
+@router.post("/token/rotate", response_model=TokenRotationResponse)
+def rotate_token(device: CurrentDevice, state: State) -> TokenRotationResponse:
+    """Issue the calling device a new token. The current one keeps working until a request uses the new one."""
+
+    with state.database.session() as session:
+        token = device_store.rotate_device_token(session, device.id)
+    logger.info("Device %s rotated its token; the old one is valid until the new one is used", device.id)
+    return TokenRotationResponse(device_token=token)
 
 
 @router.post("/check-in", response_model=CheckInResponse)
@@ -80,20 +104,40 @@ async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevi
 async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, state: State) -> StageReportResponse:
     """Record a stage's result; sending the same report again is accepted and changes nothing."""
 
+    body = await asyncio.to_thread(mask_reported_secrets, state, device.id, job_id, body)
     detail = await state.device_jobs.report_result(device.id, job_id, body)
     return StageReportResponse(accepted=True, detail=detail)
 
 
+def mask_reported_secrets(state: State, device_id: str, job_id: int, report: StageReport) -> StageReport:
+    """Mask the values of the secrets the job's recipe references, in case the agent did not mask them itself."""
+
+    with state.database.session() as session:
+        job = job_store.load_device_job(session, job_id, device_id)
+        deployment = deployment_store.load_deployment(session, job.deployment_id)
+        recipe = deployment_store.load_recipe(session, deployment.update_id)
+        names = referenced_secret_names(recipe_command_texts(recipe))
+        values = secret_store.load_secret_values(session, names)
+    return mask_report(report, values.values())
+
+
 @router.get("/artifacts/{sha256}")
 def download_artifact(sha256: str, device: CurrentDevice, state: State) -> FileResponse:
-    """Serve an uploaded file; HTTP Range requests let an interrupted download resume."""
+    """Serve a file of the device's running files stage; HTTP Range requests let an interrupted download resume.
 
-    # NOTE: any enrolled device may download any artifact; limiting downloads
-    # to the artifacts of the device's own jobs is not enforced yet.
+    An artifact that no running job of this device uses gets the same 404 as
+    one that does not exist, so a device learns nothing about other devices.
+    """
+
+    not_found = HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256!r} not found.")
+    with state.database.session() as session:
+        allowed = job_store.device_job_uses_artifact(session, device.id, sha256)
+    if not allowed:
+        raise not_found
     try:
         path = state.artifacts.path_for(sha256)
     except ValueError as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256!r} not found.") from error
+        raise not_found from error
     if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Artifact {sha256} not found.")
+        raise not_found
     return FileResponse(path, media_type="application/octet-stream")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
@@ -14,9 +16,13 @@ from microupdates.api.schemas import (
     DevicePublic,
     EnrolmentKeyCreate,
     EnrolmentKeyCreated,
+    EnrolmentKeyPublic,
 )
 from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
+from microupdates.db.models import utc_now
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["devices"])
 
@@ -66,8 +72,52 @@ def remove_device(device_id: str, state: State) -> None:
         device_store.remove_device(session, device_id, deployment_store.active_deployment_ids(session, device_id))
 
 
+@router.post("/devices/{device_id}/token", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated)
+def issue_device_token(device_id: str, state: State) -> DeviceCreated:
+    """Give the device a new token, shown once; its previous token, revoked or not, stops working at once."""
+
+    with state.database.session() as session:
+        token = device_store.issue_device_token(session, device_id)
+    logger.info("Issued a new token to device %s", device_id)
+    return DeviceCreated(id=device_id, token=token)
+
+
+@router.post("/devices/{device_id}/token/revoke", response_model=DevicePublic)
+def revoke_device_token(device_id: str, state: State) -> DevicePublic:
+    """Revoke the device's token: its requests get 401 until an operator issues a new token."""
+
+    with state.database.session() as session:
+        device_store.revoke_device_token(session, device_id)
+        logger.info("Revoked the token of device %s", device_id)
+        session.flush()
+        view = device_store.load_device_view(session, device_id)
+    return DevicePublic(**view.__dict__)
+
+
 @router.post("/enrolment-keys", status_code=status.HTTP_201_CREATED, response_model=EnrolmentKeyCreated)
 def create_enrolment_key(body: EnrolmentKeyCreate, state: State) -> EnrolmentKeyCreated:
+    expires_at = utc_now() + timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
     with state.database.session() as session:
-        key = device_store.create_enrolment_key(session, body.group)
-    return EnrolmentKeyCreated(key=key, group=body.group)
+        key, view = device_store.create_enrolment_key(session, body.group, body.tags, body.max_uses, expires_at)
+    logger.info("Created enrolment key %d for group %s (max uses %s, expires %s)", view.id, view.group,
+                view.max_uses or "unlimited", view.expires_at or "never")
+    return EnrolmentKeyCreated(key=key, **view.__dict__)
+
+
+@router.get("/enrolment-keys", response_model=list[EnrolmentKeyPublic])
+def list_enrolment_keys(state: State) -> list[EnrolmentKeyPublic]:
+    """List enrolment keys with their limits and use counts; the keys themselves are never shown again."""
+
+    with state.database.session() as session:
+        views = device_store.list_enrolment_keys(session)
+    return [EnrolmentKeyPublic(**view.__dict__) for view in views]
+
+
+@router.post("/enrolment-keys/{key_id}/revoke", response_model=EnrolmentKeyPublic)
+def revoke_enrolment_key(key_id: int, state: State) -> EnrolmentKeyPublic:
+    """Stop the key from enrolling more devices; devices it enrolled keep their tokens."""
+
+    with state.database.session() as session:
+        view = device_store.revoke_enrolment_key(session, key_id)
+    logger.info("Revoked enrolment key %d", key_id)
+    return EnrolmentKeyPublic(**view.__dict__)

@@ -114,25 +114,87 @@ def set_device_labels(
 @app.command("enrolment-key")
 def create_enrolment_key(
     group: Annotated[str, typer.Option("--group", help="Group that devices enrolling with this key join.")],
+    tags: Annotated[
+        Optional[list[str]], typer.Option("--tag", help="Tag that devices enrolling with this key get; repeatable.")
+    ] = None,
+    max_uses: Annotated[
+        Optional[int],
+        typer.Option("--max-uses", min=1, help="How many devices may enrol with the key. Default: no limit."),
+    ] = None,
+    expires_in: Annotated[
+        Optional[int],
+        typer.Option("--expires-in", min=1, help="Seconds until the key expires. Default: never."),
+    ] = None,
     server: ServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a fleet enrolment key and print it, which the API does only this once."""
 
     with operator_api(server) as api:
-        created = api.create_enrolment_key(group)
+        created = api.create_enrolment_key(group, tags or [], max_uses, expires_in)
 
     if as_json:
         echo_json_document(created)
         return
     console = make_console()
-    console.print(f"Created an enrolment key for group {created['group']}. It follows; the API shows it only this once:")
+    limits = [f"at most {created['max_uses']} uses" if created["max_uses"] else "unlimited uses",
+              f"expires {created['expires_at']}" if created["expires_at"] else "never expires"]
+    console.print(f"Created enrolment key {created['id']} for group {created['group']} ({', '.join(limits)}). "
+                  "It follows; the API shows it only this once:")
     typer.echo(created["key"])
     console.print(
         f"Enrol a device with: microupdates-agent --server-url {api.server_url} --enrolment-key=KEY --device-name NAME",
         soft_wrap=True,
         style="dim",
     )
+
+
+@app.command("enrolment-keys")
+def list_enrolment_keys(server: ServerOption = None, as_json: JsonOption = False) -> None:
+    """List enrolment keys with their group, limits and use count (never the keys themselves)."""
+
+    with operator_api(server) as api:
+        keys = api.list_enrolment_keys()
+    if as_json:
+        echo_json_document(keys)
+        return
+    for key in keys:
+        state = "revoked" if key["revoked_at"] else "active"
+        typer.echo(
+            f"{key['id']}\t{key['group']}\t{state}\tused {key['use_count']} of {key['max_uses'] or 'unlimited'}"
+            f"\texpires {key['expires_at'] or 'never'}"
+        )
+
+
+@app.command("revoke-enrolment-key")
+def revoke_enrolment_key(key_id: int, server: ServerOption = None) -> None:
+    """Stop an enrolment key from enrolling more devices; devices it enrolled keep working."""
+
+    with operator_api(server) as api:
+        api.revoke_enrolment_key(key_id)
+    make_console().print(f"Revoked enrolment key {key_id}.")
+
+
+@app.command("revoke-token")
+def revoke_device_token(device: str, server: ServerOption = None) -> None:
+    """Revoke a device's token; the device gets 401 until you issue it a new one."""
+
+    with operator_api(server) as api:
+        api.revoke_device_token(device)
+    make_console().print(f"Revoked the token of device {device}.")
+
+
+@app.command("issue-token")
+def issue_device_token(device: str, server: ServerOption = None, as_json: JsonOption = False) -> None:
+    """Give a device a new token and print it once; its previous token stops working at once."""
+
+    with operator_api(server) as api:
+        issued = api.issue_device_token(device)
+    if as_json:
+        echo_json_document(issued)
+        return
+    make_console().print(f"New token of device {device}; the API shows it only this once:")
+    typer.echo(issued["token"])
 
 
 @app.command("remove")
