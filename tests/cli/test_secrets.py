@@ -11,7 +11,9 @@ from tests.cli.conftest import isolated_environment
 
 
 def run_with_input(stack, config_home, stdin: str, *args: str):
-    environment = isolated_environment(config_home, MICROUPDATES_SERVER=stack.api_url)
+    environment = isolated_environment(
+        config_home, MICROUPDATES_SERVER=stack.api_url, MICROUPDATES_API_KEY=stack.admin_api_key
+    )
     return CliRunner().invoke(app, list(args), input=stdin, env=environment, catch_exceptions=False)
 
 
