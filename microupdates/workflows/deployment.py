@@ -206,13 +206,15 @@ class DeploymentWorkflow:
         phase = self._progress.phases[index]
         if phase.promoted:
             return self._control_result(False, f"Phase {index + 1} is already promoted.")
-        phase.promoted = True
-        await self._record_progress()
-        workflow.logger.info("Deployment %s: phase %d promoted in state %s", self._deployment_id, index + 1, phase.state)
         if phase.state in (PHASE_BLOCKED, PHASE_SOAKING):
             message = f"Promoted phase {index + 1}: phase {index + 2} starts now."
         else:
             message = f"Promoted phase {index + 1}: phase {index + 2} starts as soon as its devices have finished."
+        if self._progress.paused:
+            message += " The deployment is paused, so no device starts until resume."
+        workflow.logger.info("Deployment %s: phase %d promoted in state %s", self._deployment_id, index + 1, phase.state)
+        phase.promoted = True
+        await self._record_progress()
         return self._control_result(True, message)
 
     @pause.validator
