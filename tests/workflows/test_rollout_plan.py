@@ -3,6 +3,13 @@ promote, failure threshold and start rate.
 
 The activities are the in-memory fakes of test_deployment_workflow, extended
 with the phase of each device, the phase-state writes and the stop activity.
+This module runs its own time-skipping test server: the server skips time
+only while no activity is pending anywhere on it, and an activity left
+pending by another test module would stop it. Tests that wait on a timer
+advance server time with `WorkflowEnvironment.sleep()` once the workflow
+waits, to one second before the timer fires; the last second passes in wall
+time. A timer that fires inside the sleep schedules activities, which hold
+the clock, and the sleep call then fails with "Timeout expired".
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ import asyncio
 import bisect
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import pytest
+import pytest_asyncio
 from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
@@ -44,6 +53,8 @@ from microupdates.workflows.contracts import (
     deployment_workflow_id,
 )
 from microupdates.workflows.deployment import DeploymentWorkflow, failure_threshold_reason
+from microupdates.search_attributes import ensure_search_attributes
+from tests.workflows.conftest import TEST_SERVER_PATH
 from tests.workflows.test_deployment_workflow import (
     RESULT_TIMEOUT_SECONDS,
     FakeFleet,
@@ -51,6 +62,21 @@ from tests.workflows.test_deployment_workflow import (
     list_run_ids,
     make_worker,
 )
+
+# Server time that tests leave to pass in wall time at the end of a timer.
+WALL_SECONDS = 1
+
+
+@pytest_asyncio.fixture(scope="module")
+async def workflow_environment():
+    """A time-skipping test server for this module only, so no other module's pending activity stops its clock."""
+
+    environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER_PATH))
+    await ensure_search_attributes(environment.client)
+    try:
+        yield environment
+    finally:
+        await environment.shutdown()
 
 
 class PhasedFleet(FakeFleet):
@@ -200,8 +226,10 @@ async def test_unpromoted_failed_gate_stops_after_hold_time(workflow_environment
     fleet.settings.max_hold_seconds = 3600
 
     async with make_worker(workflow_environment.client, task_queue, fleet):
-        # Nothing is pending while the gate waits, so the test server skips the hour.
-        result = await result_of(await start(workflow_environment, task_queue))
+        handle = await start(workflow_environment, task_queue)
+        await wait_for_state(fleet, 0, "blocked")
+        await workflow_environment.sleep(timedelta(seconds=3600 - WALL_SECONDS))
+        result = await result_of(handle)
 
     assert result.status == "stopped"
     assert [stop.reason for stop in fleet.stops] == [
@@ -220,8 +248,14 @@ async def test_soak_time_passes_before_next_phase(workflow_environment, task_que
     fleet = PhasedFleet([1, 1], phases=phases)
 
     async with make_worker(workflow_environment.client, task_queue, fleet):
-        result = await result_of(await start(workflow_environment, task_queue))
+        handle = await start(workflow_environment, task_queue)
+        await wait_for_state(fleet, 0, "soaking")
+        await asyncio.sleep(0.5)
+        held_back = set(fleet.check_ins)
+        await workflow_environment.sleep(timedelta(hours=6, seconds=-WALL_SECONDS))
+        result = await result_of(handle)
 
+    assert held_back == {fleet_device_id(1)}
     soaking = [state.progress.phases[0] for state in fleet.states if state.progress.phases[0].state == "soaking"]
     assert result.status == "succeeded"
     assert len(soaking) == 1
@@ -292,6 +326,9 @@ async def test_paused_deployment_stops_after_hold_time(workflow_environment, tas
             await asyncio.sleep(0.01)
         await control(handle, PAUSE_UPDATE)
         fleet.release_check_ins.set()
+        while fleet.device_status(first) == "pending":
+            await asyncio.sleep(0.01)
+        await workflow_environment.sleep(timedelta(seconds=7200 - WALL_SECONDS))
         result = await result_of(handle)
 
     assert result.status == "stopped"
@@ -345,10 +382,19 @@ async def test_start_rate_spaces_device_starts(workflow_environment, task_queue)
     fleet.settings.max_start_rate_per_second = 1 / 60
 
     async with make_worker(workflow_environment.client, task_queue, fleet):
-        result = await result_of(await start(workflow_environment, task_queue))
+        handle = await start(workflow_environment, task_queue)
+        started_before_timer = []
+        for count in range(1, 4):
+            while len(fleet.check_ins) < count:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            started_before_timer.append(len(fleet.check_ins))
+            await workflow_environment.sleep(timedelta(seconds=60 - WALL_SECONDS))
+        result = await result_of(handle)
 
     times = [fleet.check_in_times[device_id] for device_id in fleet.device_ids]
     assert result.status == "succeeded"
+    assert started_before_timer == [1, 2, 3]
     for earlier, later in zip(times, times[1:]):
         assert later - earlier >= 59.9
 
