@@ -7,13 +7,13 @@ of children, or when Temporal suggests it, the workflow waits for its running
 children and continues as new, so its history stays small for any fleet size.
 
 The rollout runs in phases (one when the deployment has no plan). Each phase
-updates the devices assigned to it when the targets were frozen; before the
+updates the devices assigned to it when the targets were frozen. Before the
 next phase starts, the phase's success rate must meet its gate and its soak
 time must pass, unless the operator promotes it. The operator's pause, resume
 and promote are workflow updates, so the caller gets the workflow's answer.
 A failure threshold stops the whole rollout. The phase state travels in the
 workflow input across continue-as-new and is written to the database for the
-API; it holds counts per phase, never device ids.
+API. It contains counts per phase, never device ids.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class DeploymentWorkflow:
         self._last_started: str | None = None
         self._last_start_time = None
         self._settings: RolloutSettings | None = None
-        # Whether phase state is written to the database; the start activity sends settings when it is.
+        # Phase state is written to the database only when the start activity sent rollout settings.
         self._records_progress = False
         self._progress = RolloutProgress()
         self._stop_task: asyncio.Task | None = None

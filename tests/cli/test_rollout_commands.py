@@ -76,7 +76,7 @@ def test_promote_pause_resume_commands(cli, api, fleet, tmp_path, unique_name):
     assert "Phase 2 is not the current phase; phase 1 is." in wrong_phase.output
     assert promoted.exit_code == 0, promoted.output
     assert "Promoted phase 1: phase 2 starts now." in promoted.stdout
-    # The pause still holds the second phase's device back after the promote.
+    # The pause keeps the second phase's device from starting after the promote.
     assert held["phases"][1]["device_status_counts"] == {"pending": 1}
     assert resumed.exit_code == 0, resumed.output
     assert "Resumed: devices start again." in resumed.stdout
@@ -87,7 +87,7 @@ def test_promote_pause_resume_commands(cli, api, fleet, tmp_path, unique_name):
 def test_deploy_rejects_unknown_phase_key(cli, unique_name):
     result = cli("deploy", "--update", f"upd-{unique_name}", "--group", "any", "--phase", "colour=blue")
 
-    # Click prints the message in a box that wraps it; compare the words only.
+    # Click prints the message in a box that wraps it, so compare the words only.
     words = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2
     assert "'colour=blue' in --phase 'colour=blue' is not a phase setting" in words
