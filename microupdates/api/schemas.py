@@ -137,7 +137,7 @@ class RolloutControlPublic(BaseModel):
     deployment_id: str
     accepted: bool = Field(description="False when the request changed nothing, such as pausing a paused deployment.")
     message: str
-    phase: int = Field(description="The current phase, 1-based.")
+    phase: int = Field(description="The current phase, 1-based; for a promote, the promoted phase.")
     phase_state: str
     paused: bool
 

@@ -215,7 +215,8 @@ class DeploymentWorkflow:
         workflow.logger.info("Deployment %s: phase %d promoted in state %s", self._deployment_id, index + 1, phase.state)
         phase.promoted = True
         await self._record_progress()
-        return self._control_result(True, message)
+        # The main loop may have moved on to the next phase during the write; answer for the promoted one.
+        return self._control_result(True, message, index)
 
     @pause.validator
     def validate_pause(self, request: RolloutControlInput) -> None:
@@ -240,14 +241,17 @@ class DeploymentWorkflow:
         if self._aborted:
             raise ValueError("The deployment is being aborted or stopped, so it takes no further rollout commands.")
         current = self._progress.phase_index
+        if current >= len(self._progress.phases):
+            raise ValueError("Every phase has finished and the deployment is ending, so there is nothing to change.")
         if request.phase is not None and request.phase != current + 1:
             raise ValueError(
                 f"Phase {request.phase} is not the current phase; phase {current + 1} is. "
                 "Read the deployment again and repeat the request for the current phase."
             )
 
-    def _control_result(self, accepted: bool, message: str) -> RolloutControlResult:
-        index = self._progress.phase_index
+    def _control_result(self, accepted: bool, message: str, index: int | None = None) -> RolloutControlResult:
+        if index is None:
+            index = self._progress.phase_index
         return RolloutControlResult(
             accepted=accepted,
             message=message,
@@ -472,6 +476,8 @@ class DeploymentWorkflow:
 
         reason = failure_threshold_reason(self._settings, self._outcome_counts)
         if reason is not None and not self._aborted:
+            # Set before the task first runs, so the start loop starts no further device meanwhile.
+            self._aborted = True
             self._stop_task = asyncio.create_task(self._stop(reason))
 
     async def _stop(self, reason: str) -> None:
