@@ -202,3 +202,70 @@ def test_failure_threshold_stops_rollout_and_aborts_the_rest(api, fleet, tmp_pat
         if row["device_id"] in others:
             assert row["error"] == reason, row
     assert ended["phases"][0]["state"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        ({"max_start_rate": "fast"}, "max_start_rate 'fast' is not a rate"),
+        ({"max_failures": "120%"}, "max_failures '120%' is neither a device count"),
+        ({"phases": [{"group": "test", "percent": 10}]}, "a phase selects its devices in exactly one way"),
+        ({"phases": [{"rest": True}, {"percent": 5}]}, "phase 1 takes the rest of the targets"),
+        ({"max_concurrent": 5000}, "max_concurrent"),
+    ],
+)
+def test_deploy_rejects_invalid_rollout_options(api, tmp_path, unique_name, rollout, message):
+    group = f"invalid-{unique_name}"
+    api.register_device(f"invalid-{unique_name}", groups=[group])
+    update_id = create_update(api, tmp_path, [group])
+
+    with pytest.raises(OperatorApiError) as error:
+        api.deploy(update_id, rollout=rollout)
+
+    assert error.value.status_code == 422
+    assert message in str(error.value)
+
+
+def test_deploy_rejects_update_and_source_together(api, tmp_path, unique_name):
+    group = f"both-{unique_name}"
+    api.register_device(f"both-{unique_name}", groups=[group])
+    update_id = create_update(api, tmp_path, [group])
+
+    with pytest.raises(OperatorApiError) as error:
+        api.deploy(update_id, rollout={"source_deployment_id": "dep-00000000"})
+
+    assert error.value.status_code == 422
+    assert "give either update_id or source_deployment_id" in str(error.value)
+
+
+def test_control_of_ended_deployment_is_conflict(api, fleet, tmp_path, unique_name):
+    group = f"ended-{unique_name}"
+    register(api, fleet, f"ended-{unique_name}", [group])
+    deployment_id = api.deploy(create_update(api, tmp_path, [group]))["id"]
+    wait_for_deployment(api, deployment_id)
+
+    with pytest.raises(OperatorApiError) as error:
+        api.control_rollout(deployment_id, "pause")
+
+    assert error.value.status_code == 409
+    assert f"Deployment {deployment_id} has already ended (succeeded), so there is nothing to pause." in str(
+        error.value
+    )
+
+
+def test_promote_of_last_phase_is_conflict(api, tmp_path, unique_name):
+    group = f"last-{unique_name}"
+    api.register_device(f"last-{unique_name}", groups=[group])
+    # No agent runs, so the only phase stays running until the abort below.
+    deployment_id = api.deploy(create_update(api, tmp_path, [group]))["id"]
+    wait_until(api, deployment_id, lambda detail: detail["phases"][0]["state"] == "running", "a running phase")
+
+    with pytest.raises(OperatorApiError) as error:
+        api.control_rollout(deployment_id, "promote")
+    api.abort(deployment_id)
+    ended = wait_for_deployment(api, deployment_id)
+
+    assert error.value.status_code == 409
+    assert "Phase 1 is the last phase, so there is no next phase to promote to." in str(error.value)
+    assert ended["status"] == "aborted"
+    assert ended["phases"][0]["state"] == "stopped"
