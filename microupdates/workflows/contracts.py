@@ -156,6 +156,8 @@ class RolloutProgress:
     stop_reason: str | None = None
     # Raised at every write, so the database keeps the newest state when two writes overlap.
     revision: int = 0
+    # When the last device started (ISO 8601), so the start-rate limit holds across continue-as-new.
+    last_start_at: str | None = None
 
 
 @dataclass

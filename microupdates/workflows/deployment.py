@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -95,7 +95,6 @@ class DeploymentWorkflow:
         self._aborted = False
         self._cancelled = False
         self._last_started: str | None = None
-        self._last_start_time = None
         self._settings: RolloutSettings | None = None
         # Phase state is written to the database only when the start activity sent rollout settings.
         self._records_progress = False
@@ -427,12 +426,13 @@ class DeploymentWorkflow:
                 break
 
         rate = self._settings.max_start_rate_per_second
-        if rate and self._last_start_time is not None and not self._aborted:
-            next_start = self._last_start_time + timedelta(seconds=1 / rate)
+        last_start_at = self._progress.last_start_at
+        if rate and last_start_at is not None and not self._aborted:
+            next_start = datetime.fromisoformat(last_start_at) + timedelta(seconds=1 / rate)
             delay = (next_start - workflow.now()).total_seconds()
             if delay > 0:
                 await workflow.sleep(delay)
-        self._last_start_time = workflow.now()
+        self._progress.last_start_at = workflow.now().isoformat()
 
     async def _start_device(self, deployment_id: str, device_id: str, plan: DeploymentPlan, phase: int) -> None:
         handle = await workflow.start_child_workflow(

@@ -377,26 +377,49 @@ async def test_failure_threshold_stops_rollout(workflow_environment, task_queue)
     assert fleet.states[-1].progress.stop_reason == reason
 
 
-async def test_start_rate_spaces_device_starts(workflow_environment, task_queue):
-    fleet = PhasedFleet([4])
-    fleet.settings.max_start_rate_per_second = 1 / 60
+async def run_with_start_rate(environment, task_queue, fleet: PhasedFleet, **worker_options) -> list[int]:
+    """Run a deployment of four devices at one start per minute; return the check-ins seen before each timer."""
 
-    async with make_worker(workflow_environment.client, task_queue, fleet):
-        handle = await start(workflow_environment, task_queue)
+    fleet.settings.max_start_rate_per_second = 1 / 60
+    async with make_worker(environment.client, task_queue, fleet, **worker_options):
+        handle = await start(environment, task_queue)
         started_before_timer = []
         for count in range(1, 4):
             while len(fleet.check_ins) < count:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)
             started_before_timer.append(len(fleet.check_ins))
-            await workflow_environment.sleep(timedelta(seconds=60 - WALL_SECONDS))
+            await environment.sleep(timedelta(seconds=60 - WALL_SECONDS))
         result = await result_of(handle)
-
-    times = [fleet.check_in_times[device_id] for device_id in fleet.device_ids]
     assert result.status == "succeeded"
-    assert started_before_timer == [1, 2, 3]
+    return started_before_timer
+
+
+def assert_starts_a_minute_apart(fleet: PhasedFleet) -> None:
+    times = [fleet.check_in_times[device_id] for device_id in fleet.device_ids]
     for earlier, later in zip(times, times[1:]):
         assert later - earlier >= 59.9
+
+
+async def test_start_rate_spaces_device_starts(workflow_environment, task_queue):
+    fleet = PhasedFleet([4])
+
+    started_before_timer = await run_with_start_rate(workflow_environment, task_queue, fleet)
+
+    assert started_before_timer == [1, 2, 3]
+    assert_starts_a_minute_apart(fleet)
+
+
+async def test_start_rate_holds_across_continue_as_new(workflow_environment, task_queue, monkeypatch):
+    monkeypatch.setattr(deployment_module, "MAX_CHILDREN_PER_RUN", 1)
+    monkeypatch.setattr(deployment_module, "DEVICE_PAGE_SIZE", 1)
+    runner = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("microupdates"))
+    fleet = PhasedFleet([4])
+
+    started_before_timer = await run_with_start_rate(workflow_environment, task_queue, fleet, workflow_runner=runner)
+
+    assert started_before_timer == [1, 2, 3]
+    assert_starts_a_minute_apart(fleet)
 
 
 async def test_phases_survive_continue_as_new(workflow_environment, task_queue, monkeypatch):
