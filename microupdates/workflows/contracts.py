@@ -52,7 +52,7 @@ DEPLOYMENT_SUCCEEDED = "succeeded"
 DEPLOYMENT_FAILED = "failed"
 DEPLOYMENT_ABORTED = "aborted"
 DEPLOYMENT_FAILED_TO_START = "failed_to_start"
-# Ended by its failure threshold, or by a failed gate nobody promoted in time.
+# Ended by its failure threshold, or by a pause or failed gate that lasted longer than the hold time.
 DEPLOYMENT_STOPPED = "stopped"
 FINAL_DEPLOYMENT_STATUSES = (
     DEPLOYMENT_SUCCEEDED, DEPLOYMENT_FAILED, DEPLOYMENT_ABORTED, DEPLOYMENT_FAILED_TO_START, DEPLOYMENT_STOPPED,
@@ -108,11 +108,11 @@ class DeploymentPlan:
 
 @dataclass
 class PhaseSettings:
-    """The gate and soak time of one phase; which devices it holds is stored per device in the database."""
+    """The gate and soak time of one phase; each device's phase is stored with the device in the database."""
 
     name: str
     device_count: int
-    # Percentage of the phase's devices that must succeed before the next phase starts.
+    # Percentage of the phase's started devices that must succeed before the next phase starts.
     min_success_rate: float = 100.0
     soak_seconds: int = 0
 
@@ -135,7 +135,7 @@ class RolloutSettings:
 
 @dataclass
 class PhaseProgress:
-    """What the workflow knows of one phase; carried across continue-as-new and written to the database."""
+    """Progress of one phase as the workflow tracks it; carried across continue-as-new and written to the database."""
 
     state: str = PHASE_PENDING
     started: int = 0
@@ -156,7 +156,7 @@ class RolloutProgress:
     stop_reason: str | None = None
     # Raised at every write, so the database keeps the newest state when two writes overlap.
     revision: int = 0
-    # When the last device started (ISO 8601), so the start-rate limit holds across continue-as-new.
+    # When the last device started (ISO 8601), so the start-rate limit applies across continue-as-new.
     last_start_at: str | None = None
 
 

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["deployments"])
 
 MAX_DEVICES_PER_PAGE = 1000
-# Bound on the wait for the workflow's answer to a pause, resume or promote.
+# Bound on the wait for the workflow's result of a pause, resume or promote.
 ROLLOUT_CONTROL_TIMEOUT_SECONDS = 30
 
 
@@ -278,7 +278,7 @@ def list_deployment_devices(
     limit: Annotated[int, Query(ge=1, le=MAX_DEVICES_PER_PAGE)] = MAX_DEVICES_PER_PAGE,
     after: Annotated[str | None, Query(description="Return devices whose id sorts after this one.")] = None,
 ) -> list[DeploymentDevicePublic]:
-    """One page of the deployment's frozen target set, ordered by device id."""
+    """Return one page of the deployment's frozen target set, ordered by device id."""
 
     with state.database.session() as session:
         deployment_store.load_deployment(session, deployment_id)
