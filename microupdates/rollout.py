@@ -43,7 +43,7 @@ class PhaseSpec(BaseModel):
     percent: Optional[float] = Field(default=None, gt=0, le=100, description="Share of all targets, rounded up.")
     rest: bool = Field(default=False, description="Every target that no earlier phase took.")
     min_success_rate: float = Field(
-        default=100, ge=0, le=100, description="Percentage of this phase's devices that must succeed before the next."
+        default=100, ge=0, le=100, description="Percentage of this phase's finished devices that must succeed before the next."
     )
     soak_seconds: int = Field(default=0, ge=0, le=MAX_SOAK_SECONDS, description="Wait after the gate passed.")
 

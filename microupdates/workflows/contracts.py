@@ -112,7 +112,7 @@ class PhaseSettings:
 
     name: str
     device_count: int
-    # Percentage of the phase's started devices that must succeed before the next phase starts.
+    # Percentage of the phase's finished devices (succeeded or failed) that must succeed before the next phase starts.
     min_success_rate: float = 100.0
     soak_seconds: int = 0
 

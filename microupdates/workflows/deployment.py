@@ -32,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
     from microupdates.workflows.contracts import (
         ABORT_SIGNAL,
         DEPLOYMENT_WORKFLOW,
-        DEVICE_ABORTED,
         DEVICE_SUCCEEDED,
         FAILED_DEVICE_STATUSES,
         PAUSE_UPDATE,
@@ -326,10 +325,11 @@ class DeploymentWorkflow:
 
         settings = self._settings.phases[index]
         phase = self._progress.phases[index]
-        rate = 100.0 * phase.succeeded / phase.started if phase.started else 100.0
+        # Aborted devices, and any other status that is neither success nor failure, count on neither side.
+        rate = 100.0 * phase.succeeded / phase.finished if phase.finished else 100.0
         gate_passed = rate >= settings.min_success_rate
         phase.gate = (
-            f"{'passed' if gate_passed else 'failed'}: {phase.succeeded} of {phase.started} devices succeeded "
+            f"{'passed' if gate_passed else 'failed'}: {phase.succeeded} of {phase.finished} finished devices succeeded "
             f"({rate:.0f}%), {settings.min_success_rate:g}% needed"
         )
         is_last = index + 1 == len(self._progress.phases)
@@ -466,12 +466,11 @@ class DeploymentWorkflow:
             status = "failed"
         self._outcome_counts[status] = self._outcome_counts.get(status, 0) + 1
         progress = self._progress.phases[phase]
-        if status != DEVICE_ABORTED:
-            progress.finished += 1
         if status == DEVICE_SUCCEEDED:
             progress.succeeded += 1
         elif status in FAILED_DEVICE_STATUSES:
             progress.failed += 1
+        progress.finished = progress.succeeded + progress.failed
         self._running -= 1
 
         reason = failure_threshold_reason(self._settings, self._outcome_counts)

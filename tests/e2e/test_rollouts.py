@@ -137,7 +137,7 @@ def test_failed_gate_blocks_next_phase_until_promoted(api, fleet, tmp_path, uniq
     answer = api.control_rollout(deployment_id, "promote")
     ended = wait_for_deployment(api, deployment_id)
 
-    assert blocked["phases"][0]["gate"].startswith("failed: 0 of 1 devices succeeded")
+    assert blocked["phases"][0]["gate"].startswith("failed: 0 of 1 finished devices succeeded")
     assert blocked["phases"][1]["state"] == "pending"
     assert blocked["current_phase"] == 1
     assert still_blocked["phases"][1]["state"] == "pending"

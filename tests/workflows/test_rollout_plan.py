@@ -185,7 +185,7 @@ async def test_phases_run_in_order_after_passed_gates(workflow_environment, task
     phases_in_order = [fleet.phase_of[device_id] for device_id in fleet.check_in_order]
     assert phases_in_order == sorted(phases_in_order)
     assert [request.phase for request in fleet.list_requests] == [0, 1, 2]
-    assert fleet.states[-1].progress.phases[1].gate == "passed: 3 of 3 devices succeeded (100%), 100% needed"
+    assert fleet.states[-1].progress.phases[1].gate == "passed: 3 of 3 finished devices succeeded (100%), 100% needed"
     revisions = [state.progress.revision for state in fleet.states]
     assert revisions == sorted(revisions)
 
@@ -201,7 +201,7 @@ async def test_failed_gate_blocks_until_promoted(workflow_environment, task_queu
         result = await result_of(handle)
 
     assert set(checked_in_while_blocked) == set(fleet.devices_of(0))
-    assert fleet.states[-1].progress.phases[0].gate == "failed: 1 of 2 devices succeeded (50%), 100% needed"
+    assert fleet.states[-1].progress.phases[0].gate == "failed: 1 of 2 finished devices succeeded (50%), 100% needed"
     assert answer.accepted is True
     assert answer.message == "Promoted phase 1: phase 2 starts now."
     assert result.status == "failed"
@@ -218,7 +218,7 @@ async def test_gate_passes_at_min_success_rate(workflow_environment, task_queue)
 
     assert result.outcome_counts == {"succeeded": 5, "failed": 1}
     assert fleet.phase_states() == ["passed", "passed"]
-    assert fleet.states[-1].progress.phases[0].gate.startswith("passed: 3 of 4 devices succeeded (75%)")
+    assert fleet.states[-1].progress.phases[0].gate.startswith("passed: 3 of 4 finished devices succeeded (75%)")
 
 
 async def test_unpromoted_failed_gate_stops_after_hold_time(workflow_environment, task_queue):
@@ -233,7 +233,7 @@ async def test_unpromoted_failed_gate_stops_after_hold_time(workflow_environment
 
     assert result.status == "stopped"
     assert [stop.reason for stop in fleet.stops] == [
-        "stopped: the gate of phase 1 failed (failed: 0 of 1 devices succeeded (0%), 100% needed) "
+        "stopped: the gate of phase 1 failed (failed: 0 of 1 finished devices succeeded (0%), 100% needed) "
         "and nobody promoted it within 3600 s"
     ]
     assert fleet.phase_states() == ["stopped", "stopped"]
