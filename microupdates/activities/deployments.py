@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from temporalio import activity
 
@@ -18,8 +19,14 @@ from microupdates.workflows.contracts import (
     REQUEST_DEPLOYMENT_ABORT_ACTIVITY,
     RECORD_DEVICE_OUTCOME_ACTIVITY,
     RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
+    RECORD_ROLLOUT_STATE_ACTIVITY,
     START_DEPLOYMENT_ACTIVITY,
+    STOP_DEPLOYMENT_ACTIVITY,
     DeploymentPlan,
+    PhaseSettings,
+    RecordRolloutStateInput,
+    RolloutSettings,
+    StopDeploymentInput,
     DevicePage,
     FinishDeploymentInput,
     FinishDeploymentResult,
@@ -52,6 +59,7 @@ class DeploymentActivities:
             recipe = deployment_store.load_recipe(session, deployment.update_id)
             device_count = deployment_store.freeze_deployment_targets(session, deployment_id)
             timeouts = deployment_store.effective_timeouts(deployment, recipe)
+            rollout = rollout_settings(deployment, deployment_store.count_phase_devices(session, deployment_id))
 
         stage_timeouts = {
             "before": recipe.before.timeout_seconds if recipe.before else 0,
@@ -81,6 +89,7 @@ class DeploymentActivities:
             reboot=recipe.rollback.reboot,
             target_groups=list(deployment.targets.get("groups", [])),
             stage_descriptions=describe_stages(recipe),
+            rollout=rollout,
         )
 
     @activity.defn(name=LIST_DEPLOYMENT_DEVICES_ACTIVITY)
@@ -88,7 +97,7 @@ class DeploymentActivities:
         def read() -> DevicePage:
             with self.database.session() as session:
                 device_ids = deployment_store.list_deployment_device_ids(
-                    session, request.deployment_id, request.after_device_id, request.limit
+                    session, request.deployment_id, request.after_device_id, request.limit, request.phase
                 )
                 deployment = deployment_store.load_deployment(session, request.deployment_id)
                 return DevicePage(device_ids, deployment.abort_requested_at is not None)
@@ -100,7 +109,7 @@ class DeploymentActivities:
         def write() -> int:
             with self.database.session() as session:
                 return deployment_store.mark_unstarted_devices_aborted(
-                    session, request.deployment_id, request.after_device_id
+                    session, request.deployment_id, request.after_device_id, request.error
                 )
 
         count = await asyncio.to_thread(write)
@@ -119,6 +128,29 @@ class DeploymentActivities:
         ended = await end_queued_jobs(self.database, activity.client(), request.deployment_id, None)
         activity.logger.info("Deployment %s aborted by a cancel: %d queued jobs ended", request.deployment_id, ended)
         return ended
+
+    @activity.defn(name=STOP_DEPLOYMENT_ACTIVITY)
+    async def stop_deployment(self, request: StopDeploymentInput) -> int:
+        """Record why the rollout stopped, flag it aborted and end its queued jobs."""
+
+        def flag() -> None:
+            with self.database.session() as session:
+                deployment_store.stop_deployment(session, request.deployment_id, request.reason)
+
+        await asyncio.to_thread(flag)
+        ended = await end_queued_jobs(self.database, activity.client(), request.deployment_id, None)
+        activity.logger.info("Deployment %s %s; %d queued jobs ended", request.deployment_id, request.reason, ended)
+        return ended
+
+    @activity.defn(name=RECORD_ROLLOUT_STATE_ACTIVITY)
+    async def record_rollout_state(self, request: RecordRolloutStateInput) -> None:
+        def write() -> None:
+            with self.database.session() as session:
+                deployment_store.record_rollout_state(
+                    session, request.deployment_id, dataclasses.asdict(request.progress)
+                )
+
+        await asyncio.to_thread(write)
 
     @activity.defn(name=RECORD_DEVICE_ROLLBACK_START_ACTIVITY)
     async def record_device_rollback_start(self, request: RecordDeviceRollbackStartInput) -> None:
@@ -157,6 +189,30 @@ class DeploymentActivities:
             return FinishDeploymentResult(status, counts)
 
         return await asyncio.to_thread(write)
+
+
+def rollout_settings(deployment, phase_counts: dict[int, dict[str, int]]) -> RolloutSettings:
+    """Reduce the deployment's rollout options to what the workflow decides on: no device ids."""
+
+    options = deployment_store.rollout_options(deployment)
+    max_failures, max_failures_percent = options.failure_limits()
+    specs = options.phases
+    phases = [
+        PhaseSettings(
+            name=spec.name or spec.describe(),
+            device_count=sum(phase_counts.get(index, {}).values()),
+            min_success_rate=spec.min_success_rate,
+            soak_seconds=spec.soak_seconds,
+        )
+        for index, spec in enumerate(specs)
+    ] or [PhaseSettings("all devices", sum(phase_counts.get(0, {}).values()))]
+    return RolloutSettings(
+        phases=phases,
+        max_start_rate_per_second=options.start_rate_per_second(),
+        max_failures=max_failures,
+        max_failures_percent=max_failures_percent,
+        min_finished=options.min_finished,
+    )
 
 
 MAX_STAGE_DESCRIPTION_CHARS = 300

@@ -24,6 +24,7 @@ from microupdates.db import deployments as deployment_store
 from microupdates.db.models import utc_now
 from microupdates.db.session import Database
 from microupdates.protocol.recipe import TargetSelection
+from microupdates.rollout import RolloutOptions
 from microupdates.workflows.contracts import DEPLOYMENT_WORKFLOW, DeploymentInput, deployment_workflow_id
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,20 @@ RECONCILE_BATCH = 100
 
 
 async def start_deployment_workflow(
-    temporal: Client, task_queue: str, deployment_id: str, update_id: str, version: str, targets: TargetSelection
+    temporal: Client,
+    task_queue: str,
+    deployment_id: str,
+    update_id: str,
+    version: str,
+    targets: TargetSelection,
+    max_concurrent_devices: int,
 ) -> str:
     """Start the deployment's workflow and return its id; raises WorkflowAlreadyStartedError on a second start."""
 
     workflow_id = deployment_workflow_id(deployment_id)
     await temporal.start_workflow(
         DEPLOYMENT_WORKFLOW,
-        DeploymentInput(deployment_id=deployment_id),
+        DeploymentInput(deployment_id=deployment_id, max_concurrent_devices=max_concurrent_devices),
         id=workflow_id,
         task_queue=task_queue,
         # A closed workflow with this id has already run the deployment.
@@ -99,10 +106,10 @@ class LostStartReconciler:
         cutoff = utc_now() - timedelta(seconds=self.lost_after_seconds)
         pending = await asyncio.to_thread(self._read_pending, cutoff)
         started = 0
-        for deployment_id, update_id, version, targets in pending:
+        for deployment_id, update_id, version, targets, max_concurrent in pending:
             try:
                 await start_deployment_workflow(self.temporal, self.task_queue, deployment_id, update_id, version,
-                                                targets)
+                                                targets, max_concurrent)
             except WorkflowAlreadyStartedError:
                 continue
             except RPCError as error:
@@ -113,11 +120,11 @@ class LostStartReconciler:
                            extra={"deployment_id": deployment_id})
         return started
 
-    def _read_pending(self, cutoff) -> list[tuple[str, str, str, TargetSelection]]:
+    def _read_pending(self, cutoff) -> list[tuple[str, str, str, TargetSelection, int]]:
         with self.database.session() as session:
             rows = deployment_store.list_pending_deployments(session, cutoff, RECONCILE_BATCH)
             return [
                 (row.id, row.update_id, deployment_store.load_recipe(session, row.update_id).version,
-                 TargetSelection.model_validate(row.targets))
+                 TargetSelection.model_validate(row.targets), RolloutOptions.model_validate(row.rollout or {}).max_concurrent)
                 for row in rows
             ]

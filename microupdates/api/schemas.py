@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
 from microupdates.roles import Role
+from microupdates.rollout import RolloutOptions
 
 
 def check_label(value: str) -> str:
@@ -130,14 +131,53 @@ class UpdatePublic(BaseModel):
     recipe: dict[str, Any]
 
 
-class DeploymentCreate(BaseModel):
-    update_id: str
+class DeploymentCreate(RolloutOptions):
+    update_id: str | None = Field(default=None, description="The update to deploy; give this or source_deployment_id.")
+    source_deployment_id: str | None = Field(
+        default=None, description="Deploy the update of this deployment, unchanged; its timeouts apply when omitted."
+    )
     targets: TargetSelection | None = Field(
         default=None, description="Devices and groups; the recipe's targets when omitted."
     )
     timeouts: DeviceTimeouts | None = Field(
         default=None, description="Check-in deadline and heartbeat timeout; the recipe's when omitted."
     )
+
+    @model_validator(mode="after")
+    def check_one_source(self) -> DeploymentCreate:
+        if (self.update_id is None) == (self.source_deployment_id is None):
+            raise ValueError("give either update_id or source_deployment_id, not both and not neither")
+        return self
+
+    def rollout_options(self) -> RolloutOptions:
+        return RolloutOptions.model_validate(self.model_dump(include=set(RolloutOptions.model_fields)))
+
+
+class DeploymentRedeploy(RolloutOptions):
+    """A new deployment of the same update to other targets."""
+
+    targets: TargetSelection = Field(description="The devices, groups and tags to deploy to.")
+    timeouts: DeviceTimeouts | None = Field(
+        default=None, description="Check-in deadline and heartbeat timeout; the source deployment's when omitted."
+    )
+
+    def rollout_options(self) -> RolloutOptions:
+        return RolloutOptions.model_validate(self.model_dump(include=set(RolloutOptions.model_fields)))
+
+
+class RolloutControl(BaseModel):
+    phase: int | None = Field(
+        default=None, ge=1, description="Act only when this (1-based) phase is the current one."
+    )
+
+
+class RolloutControlPublic(BaseModel):
+    deployment_id: str
+    accepted: bool = Field(description="False when the request changed nothing, such as pausing a paused deployment.")
+    message: str
+    phase: int = Field(description="The current phase, 1-based; for a promote, the promoted phase.")
+    phase_state: str
+    paused: bool
 
 
 class DeploymentCreated(BaseModel):
@@ -165,10 +205,28 @@ class DeploymentSummary(BaseModel):
     finished_at: datetime | None
     error: str | None = None
     abort_requested: bool = False
+    source_deployment_id: str | None = None
+    paused: bool = False
+    current_phase: int | None = Field(default=None, description="The 1-based phase being rolled out.")
+
+
+class PhasePublic(BaseModel):
+    number: int = Field(description="1-based position in the plan.")
+    name: str
+    selects: str = Field(description="How the phase chose its devices from the frozen targets.")
+    min_success_rate: float
+    soak_seconds: int
+    state: str
+    device_count: int
+    device_status_counts: dict[str, int]
+    gate: str | None = Field(description="The success rate seen when the phase's devices finished, and the verdict.")
+    soak_until: str | None
+    promoted: bool
 
 
 class DeploymentDevicePublic(BaseModel):
     device_id: str
+    phase: int | None = Field(default=None, description="The 1-based rollout phase of the device.")
     status: str
     stage: str | None = Field(description="The current stage, or the stage that failed.")
     error: str | None
@@ -181,6 +239,9 @@ class DeploymentDevicePublic(BaseModel):
 class DeploymentDetail(DeploymentSummary):
     workflow_id: str
     targets: TargetSelection
+    rollout: RolloutOptions
+    phases: list[PhasePublic]
+    follow_up_ids: list[str] = Field(description="Deployments that redeployed this one's update, oldest first.")
     devices: list[DeploymentDevicePublic]
 
 

@@ -162,13 +162,48 @@ class OperatorApiClient:
         groups: list[str] | None = None,
         timeouts: dict[str, int] | None = None,
         tags: list[str] | None = None,
+        rollout: dict[str, Any] | None = None,
     ) -> dict:
-        body: dict[str, Any] = {"update_id": update_id}
+        """Start a deployment; `rollout` holds the options of RolloutOptions (limits, threshold, phases)."""
+
+        body: dict[str, Any] = {"update_id": update_id, **(rollout or {})}
         if devices or groups or tags:
             body["targets"] = {"devices": devices or [], "groups": groups or [], "tags": tags or []}
         if timeouts:
             body["timeouts"] = timeouts
         return self._request("POST", "/deployments", json=body)
+
+    def redeploy(
+        self,
+        deployment_id: str,
+        devices: list[str] | None = None,
+        groups: list[str] | None = None,
+        tags: list[str] | None = None,
+        rollout: dict[str, Any] | None = None,
+    ) -> dict:
+        """Deploy the update of a deployment, unchanged, to other targets."""
+
+        body: dict[str, Any] = {
+            "targets": {"devices": devices or [], "groups": groups or [], "tags": tags or []},
+            **(rollout or {}),
+        }
+        return self._request("POST", f"/deployments/{deployment_id}/redeploy", json=body)
+
+    def control_rollout(self, deployment_id: str, action: str, phase: int | None = None) -> dict[str, Any]:
+        """Pause, resume or promote a deployment; returns the workflow's answer."""
+
+        body = {"phase": phase} if phase is not None else {}
+        return self._request("POST", f"/deployments/{deployment_id}/{action}", json=body)
+
+    def list_deployment_devices(
+        self, deployment_id: str, limit: int | None = None, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {}
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return self._request("GET", f"/deployments/{deployment_id}/devices", params=params)
 
     def abort(self, deployment_id: str, device_id: str | None = None) -> dict:
         path = f"/deployments/{deployment_id}/abort"

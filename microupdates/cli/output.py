@@ -32,6 +32,13 @@ STATUS_STYLES = {
     "rollback_failed": "bold red",
     "aborted": "magenta",
     "timed_out": "red",
+    "stopped": "red",
+    # States of a rollout phase.
+    "running": "cyan",
+    "soaking": "cyan",
+    "blocked": "yellow",
+    "passed": "green",
+    "promoted": "green",
 }
 
 

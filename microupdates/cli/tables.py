@@ -158,6 +158,15 @@ def deployment_details_table(detail: dict[str, Any]) -> Table:
     table.add_row("target devices", ", ".join(targets.get("devices", [])) or "none")
     table.add_row("target groups", ", ".join(targets.get("groups", [])) or "none")
     table.add_row("devices", f"{detail['device_count']} ({format_status_counts(detail['device_status_counts'])})")
+    if detail.get("source_deployment_id"):
+        table.add_row("redeploys", detail["source_deployment_id"])
+    if detail.get("follow_up_ids"):
+        table.add_row("redeployed by", ", ".join(detail["follow_up_ids"]))
+    rollout = detail.get("rollout") or {}
+    if rollout:
+        table.add_row("limits", describe_limits(rollout))
+    if detail.get("paused"):
+        table.add_row("paused", Text("yes: no device starts until resume", style="yellow"))
     table.add_row("created", format_timestamp(detail["created_at"]))
     table.add_row("started", format_timestamp(detail["started_at"]))
     table.add_row("finished", format_timestamp(detail["finished_at"]))
@@ -165,6 +174,38 @@ def deployment_details_table(detail: dict[str, Any]) -> Table:
         table.add_row("abort", "requested")
     if detail.get("error"):
         table.add_row("error", Text(escape_device_text(detail["error"]), style="red"))
+    return table
+
+
+def describe_limits(rollout: dict[str, Any]) -> str:
+    parts = [f"{rollout['max_concurrent']} at once"]
+    if rollout.get("max_start_rate") is not None:
+        parts.append(f"start rate {rollout['max_start_rate']}" + ("/s" if isinstance(rollout["max_start_rate"], (int, float)) else ""))
+    if rollout.get("max_failures") is not None:
+        parts.append(f"stop when more than {rollout['max_failures']} fail (after {rollout['min_finished']} finished)")
+    return ", ".join(parts)
+
+
+def deployment_phases_table(detail: dict[str, Any]) -> Table:
+    """Return one row per rollout phase: its selection, state, device counts, gate and soak time."""
+
+    table = new_table("phase", "selects", "state", "devices", "gate", "soak", title="Phases")
+    for phase in detail["phases"]:
+        marker = " (current)" if phase["number"] == detail.get("current_phase") and phase["state"] != "passed" else ""
+        soak = f"{phase['soak_seconds']} s" if phase["soak_seconds"] else ""
+        if phase.get("soak_until"):
+            soak += f" until {format_timestamp(phase['soak_until'])}"
+        gate = phase["gate"] or f"needs {phase['min_success_rate']:g}%"
+        if phase["promoted"]:
+            gate += " (promoted)"
+        table.add_row(
+            f"{phase['number']} {phase['name']}{marker}",
+            phase["selects"],
+            styled_status(phase["state"]),
+            f"{phase['device_count']} ({format_status_counts(phase['device_status_counts'])})",
+            gate,
+            soak,
+        )
     return table
 
 

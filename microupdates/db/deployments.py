@@ -11,12 +11,14 @@ from sqlalchemy.orm import Session
 from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, DeviceTag, Update, utc_now
 from microupdates.errors import InvalidRequestError, NotFoundError
 from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
+from microupdates.rollout import RolloutOptions, assign_phases
 from microupdates.workflows.contracts import (
     DEPLOYMENT_ABORTED,
     DEPLOYMENT_FAILED,
     DEPLOYMENT_FAILED_TO_START,
     DEPLOYMENT_IN_PROGRESS,
     DEPLOYMENT_PENDING,
+    DEPLOYMENT_STOPPED,
     DEPLOYMENT_SUCCEEDED,
     DEVICE_ABORTED,
     DEVICE_IN_PROGRESS,
@@ -78,7 +80,12 @@ def list_updates(session: Session, limit: int) -> list[Update]:
 
 
 def create_deployment(
-    session: Session, update_id: str, targets: TargetSelection, timeouts: DeviceTimeouts | None = None
+    session: Session,
+    update_id: str,
+    targets: TargetSelection,
+    timeouts: DeviceTimeouts | None = None,
+    rollout: RolloutOptions | None = None,
+    source_deployment_id: str | None = None,
 ) -> Deployment:
     """Insert a pending deployment after checking that its targets exist."""
 
@@ -103,9 +110,25 @@ def create_deployment(
         update_id=update_id,
         targets=targets.model_dump(mode="json"),
         timeouts=timeouts.model_dump(mode="json") if timeouts is not None else None,
+        rollout=rollout.model_dump(mode="json") if rollout is not None else None,
+        source_deployment_id=source_deployment_id,
     )
     session.add(row)
     return row
+
+
+def rollout_options(deployment: Deployment) -> RolloutOptions:
+    return RolloutOptions.model_validate(deployment.rollout or {})
+
+
+def list_follow_up_ids(session: Session, deployment_id: str) -> list[str]:
+    """Return the deployments created from this one, oldest first."""
+
+    return list(session.scalars(
+        select(Deployment.id)
+        .where(Deployment.source_deployment_id == deployment_id)
+        .order_by(Deployment.created_at, Deployment.id)
+    ))
 
 
 def load_deployment(session: Session, deployment_id: str) -> Deployment:
@@ -130,10 +153,17 @@ def freeze_deployment_targets(session: Session, deployment_id: str) -> int:
         device_ids.update(session.scalars(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     device_ids &= set(session.scalars(select(Device.id).where(Device.id.in_(device_ids))))
 
-    ordered = sorted(device_ids)
+    phases = rollout_options(deployment).phases
+    groups_of, tags_of = load_labels(session, device_ids) if phases else ({}, {})
+    phase_of = assign_phases(deployment_id, device_ids, phases, groups_of, tags_of)
+    # Devices that no phase selects are left out of the deployment.
+    ordered = sorted(phase_of)
     for start in range(0, len(ordered), TARGET_INSERT_PAGE_SIZE):
         page = ordered[start:start + TARGET_INSERT_PAGE_SIZE]
-        session.add_all(DeploymentDevice(deployment_id=deployment_id, device_id=device_id) for device_id in page)
+        session.add_all(
+            DeploymentDevice(deployment_id=deployment_id, device_id=device_id, phase=phase_of[device_id])
+            for device_id in page
+        )
         session.flush()
 
     deployment.device_count = len(ordered)
@@ -142,7 +172,40 @@ def freeze_deployment_targets(session: Session, deployment_id: str) -> int:
     return deployment.device_count
 
 
-def list_deployment_device_ids(session: Session, deployment_id: str, after: str | None, limit: int) -> list[str]:
+def load_labels(session: Session, device_ids: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Return the groups and the tags of each device, read in pages."""
+
+    groups_of: dict[str, set[str]] = {}
+    tags_of: dict[str, set[str]] = {}
+    ordered = sorted(device_ids)
+    for start in range(0, len(ordered), TARGET_INSERT_PAGE_SIZE):
+        page = ordered[start:start + TARGET_INSERT_PAGE_SIZE]
+        for device_id, group in session.execute(
+            select(DeviceGroup.device_id, DeviceGroup.group_name).where(DeviceGroup.device_id.in_(page))
+        ):
+            groups_of.setdefault(device_id, set()).add(group)
+        for device_id, tag in session.execute(select(DeviceTag.device_id, DeviceTag.tag).where(DeviceTag.device_id.in_(page))):
+            tags_of.setdefault(device_id, set()).add(tag)
+    return groups_of, tags_of
+
+
+def count_phase_devices(session: Session, deployment_id: str) -> dict[int, dict[str, int]]:
+    """Return the number of devices in each status, per phase index."""
+
+    counts: dict[int, dict[str, int]] = {}
+    rows = session.execute(
+        select(DeploymentDevice.phase, DeploymentDevice.status, func.count())
+        .where(DeploymentDevice.deployment_id == deployment_id)
+        .group_by(DeploymentDevice.phase, DeploymentDevice.status)
+    )
+    for phase, status, count in rows:
+        counts.setdefault(phase or 0, {})[status] = count
+    return counts
+
+
+def list_deployment_device_ids(
+    session: Session, deployment_id: str, after: str | None, limit: int, phase: int | None = None
+) -> list[str]:
     query = (
         select(DeploymentDevice.device_id)
         .where(DeploymentDevice.deployment_id == deployment_id)
@@ -151,6 +214,8 @@ def list_deployment_device_ids(session: Session, deployment_id: str, after: str 
     )
     if after is not None:
         query = query.where(DeploymentDevice.device_id > after)
+    if phase is not None:
+        query = query.where(DeploymentDevice.phase == phase)
     return list(session.scalars(query))
 
 
@@ -197,13 +262,15 @@ def record_rollback_start(session: Session, deployment_id: str, device_id: str, 
     row.error = error
 
 
-def mark_unstarted_devices_aborted(session: Session, deployment_id: str, after_device_id: str | None) -> int:
-    """Mark the devices the workflow never started (ids after the last started one) as aborted."""
+def mark_unstarted_devices_aborted(
+    session: Session, deployment_id: str, after_device_id: str | None, error: str = "aborted before the device started"
+) -> int:
+    """Mark the devices the workflow never started (pending ones, with ids after `after_device_id` if given) as aborted."""
 
     query = (
         update(DeploymentDevice)
         .where(DeploymentDevice.deployment_id == deployment_id, DeploymentDevice.status == DEVICE_PENDING)
-        .values(status=DEVICE_ABORTED, error="aborted before the device started", finished_at=utc_now())
+        .values(status=DEVICE_ABORTED, error=error, finished_at=utc_now())
     )
     if after_device_id is not None:
         query = query.where(DeploymentDevice.device_id > after_device_id)
@@ -238,6 +305,31 @@ def is_abort_requested(session: Session, deployment_id: str, device_id: str) -> 
     return row is not None and row.abort_requested_at is not None
 
 
+def stop_deployment(session: Session, deployment_id: str, reason: str) -> None:
+    """Record why the rollout stopped and flag it aborted, so running devices stop at their next report."""
+
+    deployment = load_deployment(session, deployment_id)
+    if deployment.stop_reason is None:
+        deployment.stop_reason = reason
+        deployment.error = reason
+    request_abort(session, deployment_id, None)
+
+
+def record_rollout_state(session: Session, deployment_id: str, state: dict) -> bool:
+    """Store the workflow's phase state unless a newer revision is already stored; return whether it was stored."""
+
+    deployment = session.scalars(
+        select(Deployment).where(Deployment.id == deployment_id).with_for_update()
+    ).first()
+    if deployment is None:
+        raise NotFoundError(f"Deployment {deployment_id!r} not found.")
+    stored_revision = (deployment.rollout_state or {}).get("revision", -1)
+    if state.get("revision", 0) < stored_revision:
+        return False
+    deployment.rollout_state = state
+    return True
+
+
 def effective_timeouts(deployment: Deployment, recipe: Recipe) -> DeviceTimeouts:
     """Return the deployment's own timeouts when it set them, else the recipe's."""
 
@@ -260,7 +352,10 @@ def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[s
 
     deployment = load_deployment(session, deployment_id)
     counts = count_device_statuses(session, deployment_id)
-    if deployment.abort_requested_at is not None:
+    if deployment.stop_reason is not None:
+        deployment.status = DEPLOYMENT_STOPPED
+        deployment.error = deployment.stop_reason
+    elif deployment.abort_requested_at is not None:
         deployment.status = DEPLOYMENT_ABORTED
     elif counts.get(DEVICE_SUCCEEDED, 0) == deployment.device_count:
         deployment.status = DEPLOYMENT_SUCCEEDED

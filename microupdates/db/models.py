@@ -123,13 +123,24 @@ class Deployment(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The deployment this one redeploys the update of, when it was created from another.
+    source_deployment_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    # Limits, failure threshold and phases (microupdates.rollout.RolloutOptions as JSON).
+    rollout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The workflow's phase state (RolloutProgress as JSON), written at every change.
+    rollout_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Why the workflow stopped the rollout (failure threshold, unpromoted gate); None otherwise.
+    stop_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class DeploymentDevice(Base):
     """One device's progress in one deployment (a read projection)."""
 
     __tablename__ = "deployment_devices"
-    __table_args__ = (Index("ix_deployment_devices_status", "deployment_id", "status"),)
+    __table_args__ = (
+        Index("ix_deployment_devices_status", "deployment_id", "status"),
+        Index("ix_deployment_devices_phase", "deployment_id", "phase", "device_id"),
+    )
 
     deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
     device_id: Mapped[str] = mapped_column(String(63), primary_key=True)
@@ -140,6 +151,8 @@ class DeploymentDevice(Base):
     abort_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Index of the rollout phase that updates this device (0 when the deployment has no plan).
+    phase: Mapped[int | None] = mapped_column(Integer)
 
 
 class AbortRequest(Base):

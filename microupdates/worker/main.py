@@ -34,6 +34,8 @@ def build_worker(client, database: Database, task_queue: str) -> Worker:
             deployment_activities.list_deployment_devices,
             deployment_activities.record_device_outcome,
             deployment_activities.record_device_rollback_start,
+            deployment_activities.record_rollout_state,
+            deployment_activities.stop_deployment,
             deployment_activities.finish_deployment,
             deployment_activities.mark_unstarted_devices_aborted,
             deployment_activities.request_deployment_abort,

@@ -21,8 +21,14 @@ FINISH_DEPLOYMENT_ACTIVITY = "finish_deployment"
 MARK_UNSTARTED_DEVICES_ABORTED_ACTIVITY = "mark_unstarted_devices_aborted"
 REQUEST_DEPLOYMENT_ABORT_ACTIVITY = "request_deployment_abort"
 RECORD_DEVICE_ROLLBACK_START_ACTIVITY = "record_device_rollback_start"
+RECORD_ROLLOUT_STATE_ACTIVITY = "record_rollout_state"
+STOP_DEPLOYMENT_ACTIVITY = "stop_deployment"
 
 ABORT_SIGNAL = "abort"
+# Workflow updates of the rollout plan; each returns a RolloutControlResult.
+PAUSE_UPDATE = "pause"
+RESUME_UPDATE = "resume"
+PROMOTE_UPDATE = "promote"
 # ApplicationError type of a stage or check-in that ended because the operator aborted.
 ABORTED_ERROR_TYPE = "Aborted"
 
@@ -46,7 +52,24 @@ DEPLOYMENT_SUCCEEDED = "succeeded"
 DEPLOYMENT_FAILED = "failed"
 DEPLOYMENT_ABORTED = "aborted"
 DEPLOYMENT_FAILED_TO_START = "failed_to_start"
-FINAL_DEPLOYMENT_STATUSES = (DEPLOYMENT_SUCCEEDED, DEPLOYMENT_FAILED, DEPLOYMENT_ABORTED, DEPLOYMENT_FAILED_TO_START)
+# Ended by its failure threshold, or by a pause or failed gate that lasted longer than the hold time.
+DEPLOYMENT_STOPPED = "stopped"
+FINAL_DEPLOYMENT_STATUSES = (
+    DEPLOYMENT_SUCCEEDED, DEPLOYMENT_FAILED, DEPLOYMENT_ABORTED, DEPLOYMENT_FAILED_TO_START, DEPLOYMENT_STOPPED,
+)
+# Device statuses that count against a failure threshold and a phase's success rate.
+FAILED_DEVICE_STATUSES = (DEVICE_FAILED, DEVICE_ROLLED_BACK, DEVICE_ROLLBACK_FAILED, DEVICE_TIMED_OUT)
+
+# States of one phase of a rollout plan.
+PHASE_PENDING = "pending"
+PHASE_RUNNING = "running"
+PHASE_SOAKING = "soaking"
+PHASE_BLOCKED = "blocked"
+PHASE_PASSED = "passed"
+PHASE_PROMOTED = "promoted"
+# The last phase ended below its success rate; it has no next phase to hold back.
+PHASE_FAILED = "failed"
+PHASE_STOPPED = "stopped"
 
 # Time allowed for an online device to pick up a queued stage, on top of the
 # stage's own timeout.
@@ -79,6 +102,62 @@ class DeploymentPlan:
     target_groups: list[str] = field(default_factory=list)
     # One line per stage saying what it runs, shown as the activity's summary in the Web UI.
     stage_descriptions: dict[str, str] = field(default_factory=dict)
+    # The deployment's limits, stop rule and phases; children get the plan without it.
+    rollout: RolloutSettings | None = None
+
+
+@dataclass
+class PhaseSettings:
+    """The gate and soak time of one phase; each device's phase is stored with the device in the database."""
+
+    name: str
+    device_count: int
+    # Percentage of the phase's finished devices (succeeded or failed) that must succeed before the next phase starts.
+    min_success_rate: float = 100.0
+    soak_seconds: int = 0
+
+
+@dataclass
+class RolloutSettings:
+    """Limits and stop rule of a deployment, and its phases in order (one phase when it has no plan)."""
+
+    phases: list[PhaseSettings]
+    # Devices started per second at most; None for no limit.
+    max_start_rate_per_second: float | None = None
+    # Failed devices tolerated, as a count or as a percentage of finished devices; None for no threshold.
+    max_failures: int | None = None
+    max_failures_percent: float | None = None
+    # Finished devices needed before the failure threshold is evaluated.
+    min_finished: int = 1
+    # How long a paused deployment, or a phase whose gate failed, waits for the operator before it stops.
+    max_hold_seconds: int = 7 * 24 * 3600
+
+
+@dataclass
+class PhaseProgress:
+    """Progress of one phase as the workflow tracks it; carried across continue-as-new and written to the database."""
+
+    state: str = PHASE_PENDING
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    finished: int = 0
+    gate: str | None = None
+    soak_until: str | None = None
+    promoted: bool = False
+
+
+@dataclass
+class RolloutProgress:
+    phase_index: int = 0
+    phases: list[PhaseProgress] = field(default_factory=list)
+    paused: bool = False
+    # Why the rollout stopped, as shown in the deployment's error.
+    stop_reason: str | None = None
+    # Raised at every write, so the database keeps the newest state when two writes overlap.
+    revision: int = 0
+    # When the last device started (ISO 8601), so the start-rate limit applies across continue-as-new.
+    last_start_at: str | None = None
 
 
 @dataclass
@@ -90,6 +169,7 @@ class DeploymentInput:
     last_started_device_id: str | None = None
     outcome_counts: dict[str, int] = field(default_factory=dict)
     aborted: bool = False
+    progress: RolloutProgress | None = None
 
 
 @dataclass
@@ -109,6 +189,8 @@ class ListDeploymentDevicesInput:
     deployment_id: str
     after_device_id: str | None
     limit: int
+    # Only the devices of this phase (0-based); None for every device.
+    phase: int | None = None
 
 
 @dataclass
@@ -121,6 +203,7 @@ class DevicePage:
 class MarkUnstartedDevicesAbortedInput:
     deployment_id: str
     after_device_id: str | None
+    error: str = "aborted before the device started"
 
 
 @dataclass
@@ -188,3 +271,31 @@ class FinishDeploymentInput:
 class FinishDeploymentResult:
     status: str
     outcome_counts: dict[str, int]
+
+
+@dataclass
+class RecordRolloutStateInput:
+    deployment_id: str
+    progress: RolloutProgress
+
+
+@dataclass
+class StopDeploymentInput:
+    deployment_id: str
+    reason: str
+
+
+@dataclass
+class RolloutControlInput:
+    """An operator's pause, resume or promote; `phase` guards against acting on a phase that has moved on."""
+
+    phase: int | None = None
+
+
+@dataclass
+class RolloutControlResult:
+    accepted: bool
+    message: str
+    phase: int
+    phase_state: str
+    paused: bool

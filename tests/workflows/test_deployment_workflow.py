@@ -369,7 +369,7 @@ async def test_deployment_abort_signal_stops_starting_devices(
     assert fleet.check_ins == Counter({device_id: 1 for device_id in started})
     for device_id in started:
         assert [outcome.status for outcome in fleet.recorded[device_id]] == ["succeeded"], device_id
-    assert [request.after_device_id for request in fleet.mark_aborted_requests] == [started[-1]]
+    assert [request.after_device_id for request in fleet.mark_aborted_requests] == [None]
     assert fleet.finish_calls == 1
 
 
@@ -389,7 +389,7 @@ async def test_deployment_cancel_is_handled_as_abort(
 
     assert isinstance(failure.value.cause, CancelledError)
     assert [request.deployment_id for request in fleet.abort_requests] == [deployment_id]
-    assert [request.after_device_id for request in fleet.mark_aborted_requests] == [started[-1]]
+    assert [request.after_device_id for request in fleet.mark_aborted_requests] == [None]
     assert fleet.check_ins == Counter({device_id: 1 for device_id in started})
     assert all(fleet.recorded[device_id] for device_id in fleet.device_ids), "every device has an outcome"
     assert fleet.finish_calls == 1

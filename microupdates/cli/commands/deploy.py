@@ -18,6 +18,15 @@ from microupdates.cli.options import (
     WatchTimeoutOption,
 )
 from microupdates.cli.output import echo_json, fail, make_console
+from microupdates.cli.rollout_options import (
+    MaxConcurrentOption,
+    MaxFailuresOption,
+    MaxStartRateOption,
+    MinFinishedOption,
+    PhaseOption,
+    build_rollout,
+)
+from microupdates.rollout import DEFAULT_MAX_CONCURRENT
 from microupdates.protocol.recipe import MAX_CHECK_IN_DEADLINE_SECONDS, MAX_HEARTBEAT_TIMEOUT_SECONDS
 
 
@@ -54,6 +63,11 @@ def deploy(
             help="Seconds without a progress report before a running stage fails. Default: the recipe's.",
         ),
     ] = None,
+    max_concurrent: MaxConcurrentOption = DEFAULT_MAX_CONCURRENT,
+    max_start_rate: MaxStartRateOption = None,
+    max_failures: MaxFailuresOption = None,
+    min_finished: MinFinishedOption = 1,
+    phase: PhaseOption = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the deployment until it ends, showing each device's progress.")] = False,
     timeout: WatchTimeoutOption = DEFAULT_WATCH_TIMEOUT_SECONDS,
     plain: PlainOption = False,
@@ -61,6 +75,9 @@ def deploy(
     server: ServerOption = None,
 ) -> None:
     """Deploy an update to devices, groups and tags; without --device, --group or --tag, to the recipe's targets.
+
+    --max-concurrent, --max-start-rate and --max-failures limit the rollout;
+    --phase splits it into phases gated on the success rate of the one before.
 
     With --wait the exit code is 0 when every device succeeded, 2 when the
     deployment ended failed or aborted, and 1 on errors or when --timeout
@@ -71,6 +88,7 @@ def deploy(
         fail("Give either a RECIPE file or --update ID, not both and not neither.")
     if recipe is not None and not recipe.exists():
         fail(f"Recipe file {recipe} not found; to deploy a stored update, use --update ID.")
+    rollout = build_rollout(max_concurrent, max_start_rate, max_failures, min_finished, phase)
 
     with operator_api(server) as api:
         if recipe is not None:
@@ -83,7 +101,7 @@ def deploy(
         if check_in_deadline is not None or heartbeat_timeout is not None:
             timeouts = complete_timeouts(api, update, check_in_deadline, heartbeat_timeout)
 
-        deployment = api.deploy(update, devices=device, groups=group, tags=tag, timeouts=timeouts)
+        deployment = api.deploy(update, devices=device, groups=group, tags=tag, timeouts=timeouts, rollout=rollout)
         report_step(
             as_json,
             "deployment_created",

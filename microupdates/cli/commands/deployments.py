@@ -1,4 +1,4 @@
-"""`microupdates deployments`: list, show, watch and abort deployments, and show one device's stage results."""
+"""`microupdates deployments`: list, show, watch, abort, redeploy, pause, resume and promote deployments."""
 
 from __future__ import annotations
 
@@ -18,10 +18,19 @@ from microupdates.cli.options import (
     WatchJsonOption,
     WatchTimeoutOption,
 )
+from microupdates.cli.rollout_options import (
+    MaxConcurrentOption,
+    MaxFailuresOption,
+    MaxStartRateOption,
+    MinFinishedOption,
+    PhaseOption,
+    build_rollout,
+)
 from microupdates.cli.output import (
     describe_device_error,
     echo_json_document,
     escape_device_text,
+    fail,
     format_seconds,
     make_console,
     styled_status,
@@ -29,12 +38,15 @@ from microupdates.cli.output import (
 from microupdates.cli.tables import (
     deployment_details_table,
     deployment_devices_table,
+    deployment_phases_table,
     deployments_table,
     stage_results_table,
 )
+from microupdates.rollout import DEFAULT_MAX_CONCURRENT
 
 app = typer.Typer(
-    help="List, show, watch and abort deployments. Without a command, lists recent deployments.",
+    help="List, show, watch, abort, redeploy, pause, resume and promote deployments. "
+    "Without a command, lists recent deployments.",
     invoke_without_command=True,
 )
 
@@ -78,6 +90,8 @@ def show_deployment(deployment: str, server: ServerOption = None, as_json: JsonO
         return
     console = make_console()
     console.print(deployment_details_table(detail))
+    if len(detail.get("phases") or []) > 1 or detail.get("rollout", {}).get("phases"):
+        console.print(deployment_phases_table(detail))
     if detail["devices"]:
         console.print(deployment_devices_table(detail))
 
@@ -179,3 +193,85 @@ def watch_deployment(
 
     with operator_api(server) as api:
         follow_deployment(api, deployment, plain, as_json, timeout, baseline_first_poll=True)
+
+
+@app.command("redeploy")
+def redeploy_deployment(
+    deployment: str,
+    device: Annotated[Optional[list[str]], typer.Option("--device", help="Target device; repeat for several.")] = None,
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Target group; repeat for several.")] = None,
+    tag: Annotated[
+        Optional[list[str]], typer.Option("--tag", help="Target every device with this tag; repeat for several.")
+    ] = None,
+    max_concurrent: MaxConcurrentOption = DEFAULT_MAX_CONCURRENT,
+    max_start_rate: MaxStartRateOption = None,
+    max_failures: MaxFailuresOption = None,
+    min_finished: MinFinishedOption = 1,
+    phase: PhaseOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the new deployment until it ends.")] = False,
+    timeout: WatchTimeoutOption = DEFAULT_WATCH_TIMEOUT_SECONDS,
+    plain: PlainOption = False,
+    as_json: WatchJsonOption = False,
+    server: ServerOption = None,
+) -> None:
+    """Deploy a deployment's update, unchanged, to other devices, groups or tags.
+
+    The new deployment records the one it came from, and keeps its timeouts.
+    Limits and phases are not copied: give them again when needed.
+    """
+
+    if not (device or group or tag):
+        fail("Name the targets of the new deployment with --device, --group or --tag.")
+    rollout = build_rollout(max_concurrent, max_start_rate, max_failures, min_finished, phase)
+    with operator_api(server) as api:
+        created = api.redeploy(deployment, devices=device, groups=group, tags=tag, rollout=rollout)
+        if as_json:
+            echo_json_document({"event": "deployment_created", "deployment_id": created["id"],
+                                "source_deployment_id": deployment, "workflow_id": created["workflow_id"]})
+        else:
+            make_console().print(
+                f"Deployment {created['id']} redeploys the update of {deployment} (workflow {created['workflow_id']})",
+                soft_wrap=True,
+            )
+        if wait:
+            follow_deployment(api, created["id"], plain, as_json, timeout, baseline_first_poll=False)
+
+
+PhaseNumberOption = Annotated[
+    Optional[int],
+    typer.Option("--phase", min=1, help="Act only if this 1-based phase is still the current one.", show_default=False),
+]
+
+
+@app.command("pause")
+def pause_deployment(deployment: str, phase: PhaseNumberOption = None, server: ServerOption = None) -> None:
+    """Start no further device until resumed; devices already updating go on."""
+
+    control_rollout(deployment, "pause", phase, server)
+
+
+@app.command("resume")
+def resume_deployment(deployment: str, phase: PhaseNumberOption = None, server: ServerOption = None) -> None:
+    """Let a paused deployment start devices again."""
+
+    control_rollout(deployment, "resume", phase, server)
+
+
+@app.command("promote")
+def promote_deployment(deployment: str, phase: PhaseNumberOption = None, server: ServerOption = None) -> None:
+    """Skip the success-rate gate and soak time of the current phase, so the next phase starts."""
+
+    control_rollout(deployment, "promote", phase, server)
+
+
+def control_rollout(deployment: str, action: str, phase: int | None, server: str | None) -> None:
+    with operator_api(server) as api:
+        result = api.control_rollout(deployment, action, phase)
+    console = make_console()
+    console.print(result["message"], soft_wrap=True)
+    console.print(
+        Text.assemble(
+            f"Deployment {deployment}: phase {result['phase']} ", styled_status(result["phase_state"]),
+            ", paused" if result["paused"] else "",
+        )
+    )
