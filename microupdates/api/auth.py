@@ -53,6 +53,11 @@ OPERATOR_ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", "/api/v1/deployments/{deployment_id}/devices/{device_id}"): READ_ONLY,
     ("POST", "/api/v1/deployments/{deployment_id}/abort"): DEPLOYER,
     ("POST", "/api/v1/deployments/{deployment_id}/devices/{device_id}/abort"): DEPLOYER,
+    ("GET", "/api/v1/deployments/{deployment_id}/devices"): READ_ONLY,
+    ("POST", "/api/v1/deployments/{deployment_id}/redeploy"): DEPLOYER,
+    ("POST", "/api/v1/deployments/{deployment_id}/pause"): DEPLOYER,
+    ("POST", "/api/v1/deployments/{deployment_id}/resume"): DEPLOYER,
+    ("POST", "/api/v1/deployments/{deployment_id}/promote"): DEPLOYER,
 
     ("PUT", "/api/v1/secrets/{name}"): ADMIN,
     ("GET", "/api/v1/secrets"): DEPLOYER,

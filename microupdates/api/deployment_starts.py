@@ -124,7 +124,12 @@ class LostStartReconciler:
         with self.database.session() as session:
             rows = deployment_store.list_pending_deployments(session, cutoff, RECONCILE_BATCH)
             return [
-                (row.id, row.update_id, deployment_store.load_recipe(session, row.update_id).version,
-                 TargetSelection.model_validate(row.targets), RolloutOptions.model_validate(row.rollout or {}).max_concurrent)
+                (
+                    row.id,
+                    row.update_id,
+                    deployment_store.load_recipe(session, row.update_id).version,
+                    TargetSelection.model_validate(row.targets),
+                    RolloutOptions.model_validate(row.rollout or {}).max_concurrent,
+                )
                 for row in rows
             ]
