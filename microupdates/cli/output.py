@@ -32,6 +32,7 @@ STATUS_STYLES = {
     "rollback_failed": "bold red",
     "aborted": "magenta",
     "timed_out": "red",
+    "skipped": "blue",
 }
 
 

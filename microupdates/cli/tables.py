@@ -25,6 +25,7 @@ from microupdates.workflows.contracts import (
     DEVICE_PENDING,
     DEVICE_ROLLBACK_FAILED,
     DEVICE_ROLLED_BACK,
+    DEVICE_SKIPPED,
     DEVICE_SUCCEEDED,
     DEVICE_TIMED_OUT,
 )
@@ -38,6 +39,7 @@ DEVICE_STATUS_ORDER = (
     DEVICE_ROLLBACK_FAILED,
     DEVICE_ABORTED,
     DEVICE_TIMED_OUT,
+    DEVICE_SKIPPED,
 )
 
 MAX_COMMENT_CHARS_IN_LIST = 60
@@ -82,6 +84,17 @@ def device_details_table(device: dict[str, Any]) -> Table:
     table.add_row("registered", format_timestamp(device["created_at"]))
     table.add_row("last seen", format_timestamp(device["last_seen_at"]) or "never")
     table.add_row("agent version", device["agent_version"] or "unknown")
+    facts = device.get("facts")
+    if facts is None:
+        table.add_row("facts", "not reported yet")
+        return table
+    table.add_row("package managers", ", ".join(facts.get("package_managers") or []) or "none")
+    table.add_row("python3", facts.get("python_version") or "not installed")
+    table.add_row("architecture", facts.get("architecture") or "unknown")
+    table.add_row("OS", facts.get("os_id") or "unknown")
+    free_bytes = facts.get("free_disk_bytes")
+    table.add_row("free disk", "unknown" if free_bytes is None else f"{free_bytes / 2**30:.1f} GiB")
+    table.add_row("facts reported", format_timestamp(device.get("facts_reported_at")))
     return table
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, DeviceTag, Update, utc_now
 from microupdates.errors import InvalidRequestError, NotFoundError
-from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
+from microupdates.protocol.recipe import DeviceTimeouts, Recipe, StageRetries, TargetSelection
 from microupdates.workflows.contracts import (
     DEPLOYMENT_ABORTED,
     DEPLOYMENT_FAILED,
@@ -19,6 +20,7 @@ from microupdates.workflows.contracts import (
     DEVICE_ABORTED,
     DEVICE_IN_PROGRESS,
     DEVICE_PENDING,
+    DEVICE_SKIPPED,
     DEVICE_SUCCEEDED,
     FINAL_DEPLOYMENT_STATUSES,
     FINAL_DEVICE_STATUSES,
@@ -76,7 +78,12 @@ def list_updates(session: Session, limit: int) -> list[Update]:
 
 
 def create_deployment(
-    session: Session, update_id: str, targets: TargetSelection, timeouts: DeviceTimeouts | None = None
+    session: Session,
+    update_id: str,
+    targets: TargetSelection,
+    timeouts: DeviceTimeouts | None = None,
+    retries: StageRetries | None = None,
+    check_in_deadline_at: datetime | None = None,
 ) -> Deployment:
     """Insert a pending deployment after checking that its targets exist."""
 
@@ -101,6 +108,8 @@ def create_deployment(
         update_id=update_id,
         targets=targets.model_dump(mode="json"),
         timeouts=timeouts.model_dump(mode="json") if timeouts is not None else None,
+        retries=retries.model_dump(mode="json") if retries is not None else None,
+        check_in_deadline_at=check_in_deadline_at,
     )
     session.add(row)
     return row
@@ -175,8 +184,10 @@ def record_device_outcome(
     stage: str | None,
     error: str | None,
     rollback_error: str | None = None,
+    stage_attempts: dict[str, int] | None = None,
 ) -> None:
     row = load_deployment_device(session, deployment_id, device_id)
+    row.stage_attempts = stage_attempts or None
     row.status = status
     row.stage = stage
     row.error = error
@@ -244,6 +255,14 @@ def effective_timeouts(deployment: Deployment, recipe: Recipe) -> DeviceTimeouts
     return recipe.timeouts
 
 
+def effective_retries(deployment: Deployment, recipe: Recipe) -> StageRetries:
+    """Return the deployment's own retry settings when it set them, else the recipe's."""
+
+    if deployment.retries:
+        return StageRetries.model_validate(deployment.retries)
+    return recipe.retries
+
+
 def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int]:
     rows = session.execute(
         select(DeploymentDevice.status, func.count())
@@ -254,13 +273,13 @@ def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int
 
 
 def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[str, int]]:
-    """Set the final status from the device counts: succeeded only when every device succeeded."""
+    """Set the final status from the device counts: succeeded only when every device succeeded or was skipped."""
 
     deployment = load_deployment(session, deployment_id)
     counts = count_device_statuses(session, deployment_id)
     if deployment.abort_requested_at is not None:
         deployment.status = DEPLOYMENT_ABORTED
-    elif counts.get(DEVICE_SUCCEEDED, 0) == deployment.device_count:
+    elif counts.get(DEVICE_SUCCEEDED, 0) + counts.get(DEVICE_SKIPPED, 0) == deployment.device_count:
         deployment.status = DEPLOYMENT_SUCCEEDED
     else:
         deployment.status = DEPLOYMENT_FAILED

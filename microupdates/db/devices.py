@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -34,6 +35,8 @@ class DeviceView:
     created_at: datetime
     last_seen_at: datetime | None
     agent_version: str | None
+    facts: dict[str, Any] | None = None
+    facts_reported_at: datetime | None = None
 
 
 def register_device(session: Session, device_id: str, groups: list[str], tags: list[str]) -> str:
@@ -76,16 +79,33 @@ def authenticate_device(session: Session, token: str) -> Device | None:
     return session.scalars(select(Device).where(Device.token_hash == hash_secret(token))).first()
 
 
-def mark_device_seen(session: Session, device: Device, agent_version: str) -> None:
-    """Record a check-in, writing at most once a minute per device so an idle fleet costs few writes."""
+def mark_device_seen(
+    session: Session, device: Device, agent_version: str, facts: dict[str, Any] | None = None
+) -> None:
+    """Record a check-in, writing at most once a minute per device so an idle fleet costs few writes.
+
+    Facts are written only when they differ from the stored ones.
+    """
 
     now = utc_now()
+    if facts is not None and facts != device.facts:
+        device.facts = facts
+        device.facts_reported_at = now
     last_seen = device.last_seen_at
     if last_seen is not None and last_seen.tzinfo is None:
         last_seen = last_seen.replace(tzinfo=now.tzinfo)
     if last_seen is None or now - last_seen > LAST_SEEN_WRITE_INTERVAL or device.agent_version != agent_version:
         device.last_seen_at = now
         device.agent_version = agent_version
+
+
+def stored_package_managers(session: Session, device_id: str) -> list[str] | None:
+    """Return the package managers the device last reported, or None when it never reported facts."""
+
+    device = session.get(Device, device_id)
+    if device is None or device.facts is None:
+        return None
+    return list(device.facts.get("package_managers") or [])
 
 
 def load_device_view(session: Session, device_id: str) -> DeviceView:
@@ -112,6 +132,8 @@ def _device_view(session: Session, device: Device) -> DeviceView:
         created_at=device.created_at,
         last_seen_at=device.last_seen_at,
         agent_version=device.agent_version,
+        facts=device.facts,
+        facts_reported_at=device.facts_reported_at,
     )
 
 

@@ -20,7 +20,9 @@ from microupdates.device_agent.client import (
 )
 from microupdates.device_agent.config import AgentConfig
 from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
-from microupdates.device_agent.executors.commands import kill_process_group
+from microupdates.device_agent.executors.commands import kill_process_group, minimal_environment
+from microupdates.device_agent.executors.files import ArtifactDownloadError
+from microupdates.device_agent.facts import collect_facts
 from microupdates.device_agent.journal import Journal
 from microupdates.device_agent.stages import StageContext, run_stage
 from microupdates.protocol.device_api import (
@@ -28,6 +30,7 @@ from microupdates.protocol.device_api import (
     STAGE_FAILED,
     STAGE_INTERRUPTED,
     STAGE_SUCCEEDED,
+    DeviceFacts,
     StageJob,
     StageReport,
 )
@@ -55,6 +58,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.artifact_dir = config.state_dir / "artifacts"
         self.client = DeviceApiClient(config.server_url, verify=str(config.ca_file) if config.ca_file else True)
+        self.facts: Optional[DeviceFacts] = None
 
     def run(self) -> None:
         """Run until the stop event is set."""
@@ -68,6 +72,7 @@ class Agent:
         try:
             self._ensure_credentials()
             self._recover_journal()
+            self._refresh_facts()
             self._poll_forever()
         except AgentStopped:
             logger.info("Agent stopped")
@@ -109,6 +114,7 @@ class Agent:
                         logger.warning("Killed process group %d left by the interrupted stage", process_group)
             report = StageReport(
                 status=STAGE_INTERRUPTED,
+                transient=True,
                 error="the agent restarted during the %s stage, so its outcome is unknown" % job.stage,
             )
             logger.warning("Job %d (%s) was interrupted by a restart; reporting it", job.job_id, job.stage)
@@ -134,7 +140,7 @@ class Agent:
         failures = 0
         while not self.stop_event.is_set():
             try:
-                response = self.client.check_in(__version__, self.config.long_poll_seconds)
+                response = self.client.check_in(__version__, self.config.long_poll_seconds, self.facts)
                 failures = 0
             except CredentialsRejectedError as error:
                 logger.error("The server rejected this device's token: %s", error)
@@ -150,6 +156,16 @@ class Agent:
 
             if response.job is not None:
                 self._run_job(response.job)
+                # A stage may have installed or removed a package manager.
+                self._refresh_facts()
+
+    def _refresh_facts(self) -> None:
+        device_root = str(self.config.device_root) if self.config.device_root else None
+        env = minimal_environment(self._passed_environment(), device_root)
+        self.facts = collect_facts(env, device_root or "/")
+        logger.info("Device facts: package managers %s, python3 %s, %s on %s",
+                    ", ".join(self.facts.package_managers) or "none", self.facts.python_version or "missing",
+                    self.facts.architecture, self.facts.os_id)
 
     def _run_job(self, job: StageJob) -> None:
         logger.info("Job %d: %s stage of deployment %s (update %s)", job.job_id, job.stage, job.deployment_id,
@@ -235,7 +251,9 @@ class Agent:
                 return str(destination)
             except DeviceApiError as error:
                 if attempt == DOWNLOAD_ATTEMPTS:
-                    raise
+                    raise ArtifactDownloadError(
+                        "downloading artifact %s failed %d times: %s" % (sha256, DOWNLOAD_ATTEMPTS, error)
+                    ) from error
                 logger.warning("Download of %s failed (attempt %d): %s", sha256, attempt, error)
                 self._sleep(self._backoff(attempt))
         raise AssertionError("unreachable")

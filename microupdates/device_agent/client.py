@@ -14,6 +14,7 @@ from microupdates.protocol.device_api import (
     DEVICE_API_PREFIX,
     CheckInRequest,
     CheckInResponse,
+    DeviceFacts,
     EnrolRequest,
     EnrolResponse,
     ProgressReport,
@@ -62,9 +63,11 @@ class DeviceApiClient:
         response = self._request("POST", "/enrol", json=body.model_dump(), authenticated=False)
         return EnrolResponse.model_validate(response.json())
 
-    def check_in(self, agent_version: str, wait_seconds: int) -> CheckInResponse:
-        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds)
-        response = self._request("POST", "/check-in", json=body.model_dump(), read_timeout=wait_seconds + 15)
+    def check_in(self, agent_version: str, wait_seconds: int, facts: Optional[DeviceFacts] = None) -> CheckInResponse:
+        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds, facts=facts)
+        response = self._request(
+            "POST", "/check-in", json=body.model_dump(exclude_none=True), read_timeout=wait_seconds + 15
+        )
         return CheckInResponse.model_validate(response.json())
 
     def report_progress(self, job_id: int, output_tail: str, wait_seconds: int) -> ProgressResponse:

@@ -49,7 +49,9 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
         with state.database.session() as session:
             recipe = deployment_store.load_recipe(session, body.update_id)
             targets = body.targets or recipe.targets
-            deployment = deployment_store.create_deployment(session, body.update_id, targets, body.timeouts)
+            deployment = deployment_store.create_deployment(
+                session, body.update_id, targets, body.timeouts, body.retries, body.check_in_deadline
+            )
             return deployment.id, recipe.version, targets
 
     deployment_id, version, targets = await asyncio.to_thread(insert)
@@ -172,6 +174,7 @@ def summarize(deployment: Deployment, update: Update, counts: dict[str, int]) ->
         finished_at=deployment.finished_at,
         error=deployment.error,
         abort_requested=deployment.abort_requested_at is not None,
+        check_in_deadline_at=deployment.check_in_deadline_at,
     )
 
 
@@ -182,6 +185,7 @@ def device_public(row: DeploymentDevice) -> DeploymentDevicePublic:
         stage=row.stage,
         error=row.error,
         rollback_error=row.rollback_error,
+        stage_attempts=row.stage_attempts or {},
         abort_requested=row.abort_requested_at is not None,
         started_at=row.started_at,
         finished_at=row.finished_at,
@@ -192,6 +196,7 @@ def stage_public(job) -> StageResultPublic:
     report = job.report or {}
     return StageResultPublic(
         stage=job.stage,
+        attempt=job.attempt,
         state=job.state,
         status=report.get("status"),
         exit_code=report.get("exit_code"),

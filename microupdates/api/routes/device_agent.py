@@ -48,7 +48,8 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
         with state.database.session() as session:
             row = session.get(Device, device.id)
             if row is not None:
-                device_store.mark_device_seen(session, row, body.agent_version)
+                facts = body.facts.model_dump(mode="json") if body.facts is not None else None
+                device_store.mark_device_seen(session, row, body.agent_version, facts)
 
     await asyncio.to_thread(mark_seen)
     response = await state.device_jobs.check_in(device.id, body.wait_seconds)
