@@ -129,12 +129,18 @@ class OperatorApiClient:
         groups: list[str] | None = None,
         timeouts: dict[str, int] | None = None,
         tags: list[str] | None = None,
+        retries: dict[str, int] | None = None,
+        check_in_deadline: str | None = None,
     ) -> dict:
         body: dict[str, Any] = {"update_id": update_id}
         if devices or groups or tags:
             body["targets"] = {"devices": devices or [], "groups": groups or [], "tags": tags or []}
         if timeouts:
             body["timeouts"] = timeouts
+        if retries:
+            body["retries"] = retries
+        if check_in_deadline is not None:
+            body["check_in_deadline"] = check_in_deadline
         return self._request("POST", "/deployments", json=body)
 
     def abort(self, deployment_id: str, device_id: str | None = None) -> dict:

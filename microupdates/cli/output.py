@@ -131,10 +131,19 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
 
 
 def describe_device_error(row: dict[str, Any]) -> str:
-    """Return a device's error with its rollback error, if any, as one line."""
+    """Return a device's error with its rollback error and its retried stages, if any, as one line."""
 
     error = row.get("error") or ""
     rollback_error = row.get("rollback_error")
     if rollback_error:
         error = f"{error}; rollback failed: {rollback_error}" if error else f"rollback failed: {rollback_error}"
+    attempts = describe_stage_attempts(row.get("stage_attempts") or {})
+    if attempts:
+        error = f"{error} ({attempts})" if error else attempts
     return escape_device_text(" ".join(error.split()))
+
+
+def describe_stage_attempts(stage_attempts: dict[str, int]) -> str:
+    """Return `files: 2 attempts` for the stages that ran more than once, or ''."""
+
+    return ", ".join(f"{stage}: {count} attempts" for stage, count in stage_attempts.items())

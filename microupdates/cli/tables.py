@@ -172,6 +172,8 @@ def deployment_details_table(detail: dict[str, Any]) -> Table:
     table.add_row("created", format_timestamp(detail["created_at"]))
     table.add_row("started", format_timestamp(detail["started_at"]))
     table.add_row("finished", format_timestamp(detail["finished_at"]))
+    if detail.get("check_in_deadline_at"):
+        table.add_row("check-in deadline", format_timestamp(detail["check_in_deadline_at"]))
     if detail.get("abort_requested"):
         table.add_row("abort", "requested")
     if detail.get("error"):
@@ -195,11 +197,12 @@ def deployment_devices_table(detail: dict[str, Any], title: str | None = None) -
 
 
 def stage_results_table(result: dict[str, Any]) -> Table:
-    table = new_table("stage", "status", "exit code", "seconds", "error")
+    table = new_table("stage", "attempt", "status", "exit code", "seconds", "error")
     for stage in result["stages"]:
         exit_code = stage["exit_code"]
         table.add_row(
             stage["stage"],
+            str(stage.get("attempt", 1)),
             styled_status(stage["status"] or stage["state"]),
             "" if exit_code is None else str(exit_code),
             format_seconds(stage["duration_seconds"]),
