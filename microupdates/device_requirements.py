@@ -1,4 +1,4 @@
-"""Which package managers a recipe needs on a device, and why a device without them is skipped.
+"""Package managers a recipe needs on a device, and the reason a device without them is skipped.
 
 The names are those of DeviceFacts.package_managers. The check is pure, so
 the device workflow can run it on the facts that reach it with the check-in.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from microupdates.protocol.recipe import Dependencies
 
-# Why a device without the named fact cannot run the dependencies stage.
+# The reason a device without the named fact cannot run the dependencies stage.
 MISSING_FACT_REASONS = {
     "apt": "apt-get and dpkg are not installed on this device",
     "pip": "pip is not installed for `python` on this device (`python -m pip` does not run)",

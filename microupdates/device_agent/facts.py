@@ -12,8 +12,8 @@ from microupdates.protocol.device_api import DeviceFacts
 
 logger = logging.getLogger(__name__)
 
-# Each probe runs `INTERPRETER -m pip --version` or `python3 --version`; a
-# slow device still answers in a few seconds.
+# Bound on each probe (`INTERPRETER -m pip --version`, python3's version),
+# which takes under a second on a typical device.
 PROBE_TIMEOUT_SECONDS = 20
 OS_RELEASE_PATH = "/etc/os-release"
 

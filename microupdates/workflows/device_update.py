@@ -68,7 +68,7 @@ RECORD_TIMEOUT = timedelta(seconds=60)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # Time for the revert stages themselves once the device has picked them up.
 REVERT_STAGE_SECONDS = 1800
-# Longest wait between two attempts of a stage.
+# Maximum wait between two attempts of a stage.
 MAX_RETRY_INTERVAL_SECONDS = 300
 
 
@@ -148,7 +148,7 @@ class DeviceUpdateWorkflow:
         return DeviceUpdateResult(update.device_id, DEVICE_SUCCEEDED)
 
     async def _await_check_in(self, update: DeviceUpdateInput) -> CheckInOutcome:
-        """Wait for the device's first check-in; return its facts, which the stored ones may answer at once."""
+        """Wait for the device's first check-in and return its facts; stored facts that rule it out return at once."""
 
         plan = update.plan
         deadline = plan.check_in_deadline_seconds
@@ -349,7 +349,7 @@ def compensation_seconds(step: str, plan: DeploymentPlan) -> int:
 
 
 def is_transient(outcome: StageOutcome) -> bool:
-    """Return whether running the stage again may succeed: the device said so, or the agent restarted during it."""
+    """Check whether running the stage again may succeed: it was marked transient, or interrupted by a restart."""
 
     return outcome.transient or outcome.status == STAGE_INTERRUPTED
 
