@@ -31,6 +31,8 @@ class Device(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     agent_version: Mapped[str | None] = mapped_column(String(64))
     # The agent's DeviceFacts from its latest check-in; None until it sends some.
+    # NOTE: create_all adds no columns to existing tables, so a database created before
+    # facts, retries, check_in_deadline_at and stage_attempts existed needs them added by hand.
     facts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     facts_reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

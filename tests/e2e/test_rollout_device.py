@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from microupdates.cli.api_client import OperatorApiError
+from microupdates.device_agent.client import DeviceApiClient
+from microupdates.protocol.device_api import DeviceFacts
 from tests.stack_helpers import wait_for_deployment, write_recipe
 
 requires_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed on this machine")
@@ -90,6 +92,33 @@ def test_device_without_npm_skipped_while_other_succeeds(api, fleet, tmp_path, u
     assert "python3" in lacking_facts["package_managers"]
     assert lacking_facts["python_version"] is not None
     assert lacking_facts["architecture"]
+
+
+def test_stored_facts_skip_device_without_check_in(api, stack, tmp_path, unique_name):
+    name = f"stored-{unique_name}"
+    token = api.register_device(name, groups=[name])["token"]
+    device_api = DeviceApiClient(stack.api_url, token)
+    try:
+        device_api.check_in("test", 0, DeviceFacts(package_managers=["apt", "python3"]))
+    finally:
+        device_api.close()
+    recipe = {
+        "version": "1.0.0",
+        "targets": {"devices": [name]},
+        "dependencies": {"pip3": {"packages": [{"name": "six"}]}},
+        "timeouts": {"check_in_deadline_seconds": 600},
+    }
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+
+    # The device never checks in again; its stored facts alone decide.
+    deployment = api.deploy(update["id"])
+    detail = wait_for_deployment(api, deployment["id"], timeout=60)
+
+    row = detail["devices"][0]
+    assert row["status"] == "skipped"
+    assert row["error"] == "pip is not installed for `python3` on this device (`python3 -m pip` does not run)"
+    assert detail["status"] == "succeeded"
+    assert api.read_device_result(deployment["id"], name)["stages"] == []
 
 
 def test_unavailable_artifact_retried_until_restored(api, fleet, stack, tmp_path, unique_name):
