@@ -137,7 +137,9 @@ def describe_device_error(row: dict[str, Any]) -> str:
     rollback_error = row.get("rollback_error")
     if rollback_error:
         error = f"{error}; rollback failed: {rollback_error}" if error else f"rollback failed: {rollback_error}"
-    attempts = describe_stage_attempts(row.get("stage_attempts") or {})
+    # The failed stage's error already ends with "(after N attempts)".
+    retried = {stage: count for stage, count in (row.get("stage_attempts") or {}).items() if stage != row.get("stage")}
+    attempts = describe_stage_attempts(retried)
     if attempts:
         error = f"{error} ({attempts})" if error else attempts
     return escape_device_text(" ".join(error.split()))
