@@ -197,12 +197,12 @@ def deployment_devices_table(detail: dict[str, Any], title: str | None = None) -
 
 
 def stage_results_table(result: dict[str, Any]) -> Table:
-    table = new_table("stage", "attempt", "status", "exit code", "seconds", "error")
+    table = new_table("stage", "status", "exit code", "seconds", "error")
     for stage in result["stages"]:
         exit_code = stage["exit_code"]
+        attempt = stage.get("attempt", 1)
         table.add_row(
-            stage["stage"],
-            str(stage.get("attempt", 1)),
+            stage["stage"] if attempt == 1 else f"{stage['stage']} (attempt {attempt})",
             styled_status(stage["status"] or stage["state"]),
             "" if exit_code is None else str(exit_code),
             format_seconds(stage["duration_seconds"]),

@@ -9,7 +9,7 @@ accepted and changes nothing.
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,7 +66,7 @@ class DeviceFacts(WireModel):
     with the PATH that stages run with.
     """
 
-    package_managers: List[str] = Field(default_factory=list, max_length=16)
+    package_managers: List[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=16)
     python_version: Optional[str] = Field(default=None, max_length=64)
     architecture: Optional[str] = Field(default=None, max_length=64)
     os_id: Optional[str] = Field(default=None, max_length=64)

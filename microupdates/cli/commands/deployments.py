@@ -32,6 +32,7 @@ from microupdates.cli.tables import (
     deployments_table,
     stage_results_table,
 )
+from microupdates.workflows.contracts import DEVICE_SKIPPED
 
 app = typer.Typer(
     help="List, show, watch and abort deployments. Without a command, lists recent deployments.",
@@ -106,6 +107,9 @@ def show_device_result(
     error = describe_device_error(result)
     if error:
         console.print(Text(error, style="red"))
+    if not result["stages"] and result["status"] == DEVICE_SKIPPED:
+        console.print("No stage ran on this device, because it was skipped.")
+        return
     if not result["stages"]:
         console.print("No stage has run on this device yet.")
         return
