@@ -135,7 +135,7 @@ def test_unavailable_artifact_retried_until_restored(api, fleet, stack, tmp_path
     update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe, {"hello.txt": content}))
     stored = artifact_path(stack, update["recipe"]["files"][0]["artifact"])
     hidden = stored.with_name(stored.name + ".hidden")
-    # The artifact disappears from the server's store, so every download answers 404.
+    # The artifact disappears from the server's store, so every download returns 404.
     os.replace(stored, hidden)
     try:
         deployment = api.deploy(update["id"])
@@ -165,6 +165,38 @@ def test_unavailable_artifact_retried_until_restored(api, fleet, stack, tmp_path
     files_attempts = [(stage["attempt"], stage["status"]) for stage in result["stages"] if stage["stage"] == "files"]
     assert files_attempts == [(1, "failed"), (2, "succeeded")]
     assert (device.root / "opt/retry/hello.txt").read_bytes() == content
+
+
+def test_interrupted_stage_runs_again_after_restart(api, fleet, tmp_path, unique_name):
+    group = f"interrupted-{unique_name}"
+    device = register(api, fleet, f"interrupted-{unique_name}", group)
+    fleet.start(device)
+    # The first run records its pid and sleeps; a second run finds the marker and succeeds.
+    script = (
+        'marker="$MICROUPDATES_DEVICE_ROOT/first-run"; '
+        'if [ -e "$marker" ]; then echo second-run; exit 0; fi; '
+        'touch "$marker"; echo $$ > "$MICROUPDATES_DEVICE_ROOT/running"; sleep 300'
+    )
+    recipe = {
+        "version": "1.0.0",
+        "targets": {"groups": [group]},
+        "before": {"run": script, "timeout_seconds": 600},
+        "retries": {"max_attempts": 2, "initial_interval_seconds": 1},
+    }
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+    deployment = api.deploy(update["id"])
+    wait_until(lambda: (device.root / "running").exists(), "the first run of the before stage")
+
+    fleet.stop(device, kill=True)
+    fleet.start(device)
+    detail = wait_for_deployment(api, deployment["id"])
+
+    row = detail["devices"][0]
+    assert row["status"] == "succeeded", row
+    assert row["stage_attempts"] == {"before": 2}
+    stages = api.read_device_result(deployment["id"], device.name)["stages"]
+    assert [(stage["attempt"], stage["status"]) for stage in stages] == [(1, "interrupted"), (2, "succeeded")]
+    assert "second-run" in stages[1]["steps"][0]["output"]
 
 
 def test_permanent_failure_not_retried(api, fleet, tmp_path, unique_name):
