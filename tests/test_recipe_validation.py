@@ -834,7 +834,7 @@ def test_validate_recipe_lists_known_fields_for_unrelated_key():
 
     assert message == (
         "owner: unknown field 'owner'; known fields here: version, comment, targets, before, files, "
-        "dependencies, after, rollback, timeouts"
+        "dependencies, after, rollback, timeouts, retries"
     )
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import datetime, timezone
 
 from temporalio import activity
 
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
 from microupdates.db.session import Database
+from microupdates.device_requirements import required_package_managers
 from microupdates.job_aborts import end_queued_jobs
 from microupdates.protocol.recipe import CommandStage, PackageGroup, Recipe
 from microupdates.workflows.contracts import (
@@ -60,6 +62,8 @@ class DeploymentActivities:
             device_count = deployment_store.freeze_deployment_targets(session, deployment_id)
             timeouts = deployment_store.effective_timeouts(deployment, recipe)
             rollout = rollout_settings(deployment, deployment_store.count_phase_devices(session, deployment_id))
+            retries = deployment_store.effective_retries(deployment, recipe)
+            deadline_at = deployment.check_in_deadline_at
 
         stage_timeouts = {
             "before": recipe.before.timeout_seconds if recipe.before else 0,
@@ -90,6 +94,10 @@ class DeploymentActivities:
             target_groups=list(deployment.targets.get("groups", [])),
             stage_descriptions=describe_stages(recipe),
             rollout=rollout,
+            required_package_managers=required_package_managers(recipe.dependencies),
+            stage_max_attempts=retries.max_attempts,
+            retry_initial_interval_seconds=retries.initial_interval_seconds,
+            check_in_deadline_epoch_seconds=epoch_seconds(deadline_at) if deadline_at is not None else None,
         )
 
     @activity.defn(name=LIST_DEPLOYMENT_DEVICES_ACTIVITY)
@@ -171,7 +179,7 @@ class DeploymentActivities:
             with self.database.session() as session:
                 deployment_store.record_device_outcome(
                     session, request.deployment_id, request.device_id, request.status, request.stage, request.error,
-                    request.rollback_error,
+                    request.rollback_error, request.stage_attempts,
                 )
                 job_store.expire_open_jobs(session, request.deployment_id, request.device_id)
 
@@ -216,6 +224,14 @@ def rollout_settings(deployment, phase_counts: dict[int, dict[str, int]]) -> Rol
 
 
 MAX_STAGE_DESCRIPTION_CHARS = 300
+
+
+def epoch_seconds(moment: datetime) -> float:
+    """Return Unix time; SQLite returns times without a zone, which the database stores as UTC."""
+
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def describe_stages(recipe: Recipe) -> dict[str, str]:

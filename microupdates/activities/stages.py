@@ -15,12 +15,15 @@ from temporalio.exceptions import ApplicationError
 
 from microupdates.db import deployments as deployment_store
 from microupdates.db import jobs as job_store
+from microupdates.db import devices as device_store
 from microupdates.db.session import Database
+from microupdates.device_requirements import incompatibility
 from microupdates.protocol.device_api import COMPENSATION_STAGES
 from microupdates.workflows.contracts import (
     ABORTED_ERROR_TYPE,
     AWAIT_DEVICE_CHECK_IN_ACTIVITY,
     RUN_DEVICE_STAGE_ACTIVITY,
+    CheckInOutcome,
     StageJobInput,
     StageOutcome,
 )
@@ -31,7 +34,15 @@ class StageActivities:
         self.database = database
 
     @activity.defn(name=AWAIT_DEVICE_CHECK_IN_ACTIVITY)
-    async def await_device_check_in(self, request: StageJobInput) -> None:
+    async def await_device_check_in(self, request: StageJobInput) -> CheckInOutcome:
+        """Return at once when the device's stored facts make it incompatible; else wait for its check-in.
+
+        The API completes the wait with the facts the device sends at that check-in.
+        """
+
+        known = await asyncio.to_thread(self._stored_package_managers, request.device_id)
+        if incompatibility(request.required_package_managers, known) is not None:
+            return CheckInOutcome(known)
         await self._queue(request)
         activity.raise_complete_async()
 
@@ -64,6 +75,10 @@ class StageActivities:
                 non_retryable=True,
             )
 
+    def _stored_package_managers(self, device_id: str) -> list[str] | None:
+        with self.database.session() as session:
+            return device_store.stored_package_managers(session, device_id)
+
     def _abort_requested(self, request: StageJobInput, job_id: int) -> bool:
         with self.database.session() as session:
             if not deployment_store.is_abort_requested(session, request.deployment_id, request.device_id):
@@ -81,6 +96,8 @@ class StageActivities:
                 workflow_id=info.workflow_id,
                 activity_id=info.activity_id,
                 task_token=info.task_token,
-                attempt=info.attempt,
+                # Stage activities run once each (no Temporal retries); a retried stage is a new activity.
+                attempt=request.attempt,
             )
             return job.id
+

@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from microupdates.api.job_notifier import JobNotifier, deployment_key, device_key
 from microupdates.api.job_signing import JobSigner
 from microupdates.db import deployments as deployment_store
+from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
 from microupdates.db import secrets as secret_store
 from microupdates.db.models import StageJob as StageJobRow
@@ -29,7 +30,7 @@ from microupdates.protocol.device_api import (
 from microupdates.protocol.recipe import CommandStage, DeviceTimeouts, Recipe
 from microupdates.protocol.secret_references import referenced_secret_names
 from microupdates.job_aborts import ABORTABLE_STAGES, end_queued_jobs, fail_job_aborted
-from microupdates.workflows.contracts import StageOutcome
+from microupdates.workflows.contracts import CheckInOutcome, StageOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class DeviceJobs:
                 await self._fail_aborted(handle, row)
                 continue
             if row.stage == job_store.CHECK_IN_STAGE:
-                await self._complete(handle, row, None)
+                # The check-in route stored this request's facts before it got here.
+                package_managers = await asyncio.to_thread(self._stored_package_managers, device_id)
+                await self._complete(handle, row, CheckInOutcome(package_managers))
                 continue
 
             try:
@@ -115,6 +118,10 @@ class DeviceJobs:
         # Other requests kept taking the rows first; the notifier wakes this one again.
         return None
 
+    def _stored_package_managers(self, device_id: str) -> list[str] | None:
+        with self.database.session() as session:
+            return device_store.stored_package_managers(session, device_id)
+
     def _abort_requested(self, row: StageJobRow) -> bool:
         with self.database.session() as session:
             return deployment_store.is_abort_requested(session, row.deployment_id, row.device_id)
@@ -129,7 +136,7 @@ class DeviceJobs:
         with self.database.session() as session:
             function(session, *args)
 
-    async def _complete(self, handle, row: StageJobRow, outcome: StageOutcome | None) -> bool:
+    async def _complete(self, handle, row: StageJobRow, outcome: StageOutcome | CheckInOutcome) -> bool:
         """Complete the activity; return False when it had already ended (completed before, or timed out)."""
 
         completed = True
@@ -140,7 +147,7 @@ class DeviceJobs:
                 raise
             logger.info("Job %d: activity %s of %s had already ended", row.id, row.activity_id, row.workflow_id)
             completed = False
-        if outcome is None:
+        if isinstance(outcome, CheckInOutcome):
             await asyncio.to_thread(self._write, job_store.mark_job_reported, row.id, {"status": "succeeded"})
         return completed
 
@@ -248,6 +255,7 @@ class DeviceJobs:
             exit_code=report.exit_code,
             duration_seconds=report.duration_seconds,
             error=(report.error or "")[:MAX_OUTCOME_ERROR_CHARS] or None,
+            transient=report.transient,
         )
         handle = self.client.get_async_activity_handle(task_token=row.task_token)
         completed = await self._complete(handle, row, outcome)

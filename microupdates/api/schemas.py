@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
+from microupdates.protocol.recipe import (
+    MAX_CHECK_IN_DEADLINE_SECONDS,
+    NAME_PATTERN,
+    DeviceTimeouts,
+    Recipe,
+    StageRetries,
+    TargetSelection,
+)
 from microupdates.roles import Role
 from microupdates.rollout import RolloutOptions
+
+DURATION_PATTERN = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
+DURATION_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def check_label(value: str) -> str:
@@ -64,6 +75,12 @@ class DevicePublic(BaseModel):
     token_revoked_at: datetime | None = Field(
         default=None, description="When the device's token was revoked; null while it has a valid token."
     )
+    facts: dict[str, Any] | None = Field(
+        default=None,
+        description="What the agent reported at its latest check-in: package_managers, python_version, "
+        "architecture, os_id, free_disk_bytes. Null until the agent sends facts.",
+    )
+    facts_reported_at: datetime | None = None
 
 
 class EnrolmentKeyCreate(BaseModel):
@@ -142,6 +159,40 @@ class DeploymentCreate(RolloutOptions):
     timeouts: DeviceTimeouts | None = Field(
         default=None, description="Check-in deadline and heartbeat timeout; the recipe's when omitted."
     )
+    retries: StageRetries | None = Field(
+        default=None, description="Attempts of a stage that fails transiently, and the backoff; the recipe's when omitted."
+    )
+    check_in_deadline: datetime | None = Field(
+        default=None,
+        description="Devices that have not checked in by then end timed_out. A date-time with a time zone "
+        "(2026-05-01T18:00:00Z), or a duration from now: a number with s, m, h or d (90m, 2h).",
+    )
+
+    @field_validator("check_in_deadline", mode="before")
+    @classmethod
+    def parse_check_in_deadline(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = DURATION_PATTERN.match(value.strip())
+            if match is not None:
+                seconds = int(match.group(1)) * DURATION_UNIT_SECONDS[match.group(2)]
+                return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        return value
+
+    @field_validator("check_in_deadline")
+    @classmethod
+    def check_check_in_deadline(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(
+                f"{value.isoformat()} has no time zone; add one (Z or +02:00) or give a duration such as 2h"
+            )
+        now = datetime.now(timezone.utc)
+        if value <= now:
+            raise ValueError(f"{value.isoformat()} is in the past; give a later time or a duration such as 2h")
+        if value - now > timedelta(seconds=MAX_CHECK_IN_DEADLINE_SECONDS):
+            raise ValueError(f"{value.isoformat()} is more than {MAX_CHECK_IN_DEADLINE_SECONDS // 86400} days away")
+        return value.astimezone(timezone.utc)
 
     @model_validator(mode="after")
     def check_one_source(self) -> DeploymentCreate:
@@ -209,6 +260,10 @@ class DeploymentSummary(BaseModel):
     paused: bool = False
     current_phase: int | None = Field(default=None, description="The 1-based phase being rolled out.")
 
+    check_in_deadline_at: datetime | None = Field(
+        default=None, description="Devices that have not checked in by then end timed_out."
+    )
+
 
 class PhasePublic(BaseModel):
     number: int = Field(description="1-based position in the plan.")
@@ -231,6 +286,9 @@ class DeploymentDevicePublic(BaseModel):
     stage: str | None = Field(description="The current stage, or the stage that failed.")
     error: str | None
     rollback_error: str | None = Field(description="Which rollback step failed and why.")
+    stage_attempts: dict[str, int] = Field(
+        default_factory=dict, description="Stages that ran more than once after transient failures, with their attempts."
+    )
     abort_requested: bool
     started_at: datetime | None
     finished_at: datetime | None
@@ -247,6 +305,7 @@ class DeploymentDetail(DeploymentSummary):
 
 class StageResultPublic(BaseModel):
     stage: str
+    attempt: int = Field(default=1, description="1 for the stage's first run, 2 for its first retry, ...")
     state: str
     status: str | None
     exit_code: int | None

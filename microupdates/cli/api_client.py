@@ -163,6 +163,8 @@ class OperatorApiClient:
         timeouts: dict[str, int] | None = None,
         tags: list[str] | None = None,
         rollout: dict[str, Any] | None = None,
+        retries: dict[str, int] | None = None,
+        check_in_deadline: str | None = None,
     ) -> dict:
         """Start a deployment; `rollout` holds the options of RolloutOptions (limits, threshold, phases)."""
 
@@ -171,6 +173,10 @@ class OperatorApiClient:
             body["targets"] = {"devices": devices or [], "groups": groups or [], "tags": tags or []}
         if timeouts:
             body["timeouts"] = timeouts
+        if retries:
+            body["retries"] = retries
+        if check_in_deadline is not None:
+            body["check_in_deadline"] = check_in_deadline
         return self._request("POST", "/deployments", json=body)
 
     def redeploy(

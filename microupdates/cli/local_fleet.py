@@ -43,7 +43,11 @@ class LocalFleet:
         self.devices.append(device)
         return device
 
-    def start(self, device: LocalDevice) -> None:
+    def start(
+        self, device: LocalDevice, extra_args: list[str] | None = None, environment: dict[str, str] | None = None
+    ) -> None:
+        """Start the device's agent; `extra_args` are added to its command line, `environment` to its environment."""
+
         command = [
             sys.executable, "-m", "microupdates.device_agent.main",
             "--server-url", self.server_url,
@@ -53,11 +57,12 @@ class LocalFleet:
             # A rollback reboot restarts this agent process instead of the host.
             "--restart-instead-of-reboot",
             *self.agent_arguments,
+            *(extra_args or []),
         ]
         log = open(device.log_path, "ab")
         device.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=agent_environment(),
+            env={**agent_environment(), **(environment or {})},
         )
         log.close()
         logger.info("Agent for %s started (pid %d, root %s)", device.name, device.process.pid, device.root)

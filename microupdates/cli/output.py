@@ -39,6 +39,7 @@ STATUS_STYLES = {
     "blocked": "yellow",
     "passed": "green",
     "promoted": "green",
+    "skipped": "blue",
 }
 
 
@@ -137,10 +138,21 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
 
 
 def describe_device_error(row: dict[str, Any]) -> str:
-    """Return a device's error with its rollback error, if any, as one line."""
+    """Return a device's error with its rollback error and its retried stages, if any, as one line."""
 
     error = row.get("error") or ""
     rollback_error = row.get("rollback_error")
     if rollback_error:
         error = f"{error}; rollback failed: {rollback_error}" if error else f"rollback failed: {rollback_error}"
+    # The failed stage's error already ends with "(after N attempts)".
+    retried = {stage: count for stage, count in (row.get("stage_attempts") or {}).items() if stage != row.get("stage")}
+    attempts = describe_stage_attempts(retried)
+    if attempts:
+        error = f"{error} ({attempts})" if error else attempts
     return escape_device_text(" ".join(error.split()))
+
+
+def describe_stage_attempts(stage_attempts: dict[str, int]) -> str:
+    """Return `files: 2 attempts` for the stages that ran more than once, or ''."""
+
+    return ", ".join(f"{stage}: {count} attempts" for stage, count in stage_attempts.items())

@@ -25,6 +25,7 @@ from microupdates.workflows.contracts import (
     DEVICE_PENDING,
     DEVICE_ROLLBACK_FAILED,
     DEVICE_ROLLED_BACK,
+    DEVICE_SKIPPED,
     DEVICE_SUCCEEDED,
     DEVICE_TIMED_OUT,
 )
@@ -38,6 +39,7 @@ DEVICE_STATUS_ORDER = (
     DEVICE_ROLLBACK_FAILED,
     DEVICE_ABORTED,
     DEVICE_TIMED_OUT,
+    DEVICE_SKIPPED,
 )
 
 MAX_COMMENT_CHARS_IN_LIST = 60
@@ -84,6 +86,17 @@ def device_details_table(device: dict[str, Any]) -> Table:
     table.add_row("agent version", device["agent_version"] or "unknown")
     revoked_at = device.get("token_revoked_at")
     table.add_row("token", f"revoked at {format_timestamp(revoked_at)}" if revoked_at else "valid")
+    facts = device.get("facts")
+    if facts is None:
+        table.add_row("facts", "not reported yet")
+        return table
+    table.add_row("package managers", ", ".join(facts.get("package_managers") or []) or "none")
+    table.add_row("python3", facts.get("python_version") or "not installed")
+    table.add_row("architecture", facts.get("architecture") or "unknown")
+    table.add_row("OS", facts.get("os_id") or "unknown")
+    free_bytes = facts.get("free_disk_bytes")
+    table.add_row("free disk", "unknown" if free_bytes is None else f"{free_bytes / 2**30:.1f} GiB")
+    table.add_row("facts reported", format_timestamp(device.get("facts_reported_at")))
     return table
 
 
@@ -170,6 +183,8 @@ def deployment_details_table(detail: dict[str, Any]) -> Table:
     table.add_row("created", format_timestamp(detail["created_at"]))
     table.add_row("started", format_timestamp(detail["started_at"]))
     table.add_row("finished", format_timestamp(detail["finished_at"]))
+    if detail.get("check_in_deadline_at"):
+        table.add_row("check-in deadline", format_timestamp(detail["check_in_deadline_at"]))
     if detail.get("abort_requested"):
         table.add_row("abort", "requested")
     if detail.get("error"):
@@ -228,8 +243,9 @@ def stage_results_table(result: dict[str, Any]) -> Table:
     table = new_table("stage", "status", "exit code", "seconds", "error")
     for stage in result["stages"]:
         exit_code = stage["exit_code"]
+        attempt = stage.get("attempt", 1)
         table.add_row(
-            stage["stage"],
+            stage["stage"] if attempt == 1 else f"{stage['stage']} (attempt {attempt})",
             styled_status(stage["status"] or stage["state"]),
             "" if exit_code is None else str(exit_code),
             format_seconds(stage["duration_seconds"]),

@@ -18,6 +18,7 @@ from microupdates.cli.api_client import OperatorApiClient, OperatorApiConnection
 from microupdates.workflows.contracts import (
     DEPLOYMENT_SUCCEEDED,
     DEVICE_PENDING,
+    DEVICE_SKIPPED,
     DEVICE_SUCCEEDED,
     FINAL_DEPLOYMENT_STATUSES,
     FINAL_DEVICE_STATUSES,
@@ -150,11 +151,11 @@ class WatchResult:
 
 
 def exit_code_for(detail: dict[str, Any]) -> int:
-    """Return 0 when every device succeeded, 2 when the deployment ended otherwise, 1 while it still runs."""
+    """Return 0 when every device succeeded or was skipped, 2 when the deployment ended otherwise, 1 while it runs."""
 
     if detail["status"] not in FINAL_DEPLOYMENT_STATUSES:
         return EXIT_WATCH_ERROR
-    every_device_succeeded = all(row["status"] == DEVICE_SUCCEEDED for row in detail["devices"])
+    every_device_succeeded = all(row["status"] in (DEVICE_SUCCEEDED, DEVICE_SKIPPED) for row in detail["devices"])
     if detail["status"] == DEPLOYMENT_SUCCEEDED and every_device_succeeded:
         return EXIT_ALL_SUCCEEDED
     return EXIT_DEPLOYMENT_NOT_SUCCEEDED

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from microupdates.db.models import AbortRequest, Artifact, Deployment, DeploymentDevice, Device, DeviceGroup, DeviceTag, Update, utc_now
 from microupdates.errors import InvalidRequestError, NotFoundError
-from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
+from microupdates.protocol.recipe import DeviceTimeouts, Recipe, StageRetries, TargetSelection
 from microupdates.rollout import RolloutOptions, assign_phases
 from microupdates.workflows.contracts import (
     DEPLOYMENT_ABORTED,
@@ -23,6 +23,7 @@ from microupdates.workflows.contracts import (
     DEVICE_ABORTED,
     DEVICE_IN_PROGRESS,
     DEVICE_PENDING,
+    DEVICE_SKIPPED,
     DEVICE_SUCCEEDED,
     FINAL_DEPLOYMENT_STATUSES,
     FINAL_DEVICE_STATUSES,
@@ -86,6 +87,8 @@ def create_deployment(
     timeouts: DeviceTimeouts | None = None,
     rollout: RolloutOptions | None = None,
     source_deployment_id: str | None = None,
+    retries: StageRetries | None = None,
+    check_in_deadline_at: datetime | None = None,
 ) -> Deployment:
     """Insert a pending deployment after checking that its targets exist."""
 
@@ -112,6 +115,8 @@ def create_deployment(
         timeouts=timeouts.model_dump(mode="json") if timeouts is not None else None,
         rollout=rollout.model_dump(mode="json") if rollout is not None else None,
         source_deployment_id=source_deployment_id,
+        retries=retries.model_dump(mode="json") if retries is not None else None,
+        check_in_deadline_at=check_in_deadline_at,
     )
     session.add(row)
     return row
@@ -242,8 +247,10 @@ def record_device_outcome(
     stage: str | None,
     error: str | None,
     rollback_error: str | None = None,
+    stage_attempts: dict[str, int] | None = None,
 ) -> None:
     row = load_deployment_device(session, deployment_id, device_id)
+    row.stage_attempts = stage_attempts or None
     row.status = status
     row.stage = stage
     row.error = error
@@ -338,6 +345,14 @@ def effective_timeouts(deployment: Deployment, recipe: Recipe) -> DeviceTimeouts
     return recipe.timeouts
 
 
+def effective_retries(deployment: Deployment, recipe: Recipe) -> StageRetries:
+    """Return the deployment's own retry settings when it set them, else the recipe's."""
+
+    if deployment.retries:
+        return StageRetries.model_validate(deployment.retries)
+    return recipe.retries
+
+
 def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int]:
     rows = session.execute(
         select(DeploymentDevice.status, func.count())
@@ -348,7 +363,7 @@ def count_device_statuses(session: Session, deployment_id: str) -> dict[str, int
 
 
 def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[str, int]]:
-    """Set the final status from the device counts: succeeded only when every device succeeded."""
+    """Set the final status from the device counts: succeeded only when every device succeeded or was skipped."""
 
     deployment = load_deployment(session, deployment_id)
     counts = count_device_statuses(session, deployment_id)
@@ -357,7 +372,7 @@ def finish_deployment(session: Session, deployment_id: str) -> tuple[str, dict[s
         deployment.error = deployment.stop_reason
     elif deployment.abort_requested_at is not None:
         deployment.status = DEPLOYMENT_ABORTED
-    elif counts.get(DEVICE_SUCCEEDED, 0) == deployment.device_count:
+    elif counts.get(DEVICE_SUCCEEDED, 0) + counts.get(DEVICE_SKIPPED, 0) == deployment.device_count:
         deployment.status = DEPLOYMENT_SUCCEEDED
     else:
         deployment.status = DEPLOYMENT_FAILED

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
@@ -35,6 +36,9 @@ class DeviceView:
     last_seen_at: datetime | None
     agent_version: str | None
     token_revoked_at: datetime | None = None
+
+    facts: dict[str, Any] | None = None
+    facts_reported_at: datetime | None = None
 
 
 @dataclass
@@ -144,8 +148,13 @@ def _load_device(session: Session, device_id: str) -> Device:
     return device
 
 
-def mark_device_seen(session: Session, device: Device, agent_version: str) -> None:
-    """Record a check-in, writing at most once a minute per device so an idle fleet costs few writes."""
+def mark_device_seen(
+    session: Session, device: Device, agent_version: str, facts: dict[str, Any] | None = None
+) -> None:
+    """Record a check-in, writing at most once a minute per device so an idle fleet costs few writes.
+
+    Facts are written only when they differ from the stored ones.
+    """
 
     if device_seen_write_due(device, agent_version):
         device.last_seen_at = utc_now()
@@ -156,10 +165,22 @@ def device_seen_write_due(device: Device, agent_version: str) -> bool:
     """Return whether a check-in must update the device's last-seen time or agent version."""
 
     now = utc_now()
+    if facts is not None and facts != device.facts:
+        device.facts = facts
+        device.facts_reported_at = now
     last_seen = device.last_seen_at
     if last_seen is not None and last_seen.tzinfo is None:
         last_seen = last_seen.replace(tzinfo=now.tzinfo)
     return last_seen is None or now - last_seen > LAST_SEEN_WRITE_INTERVAL or device.agent_version != agent_version
+
+
+def stored_package_managers(session: Session, device_id: str) -> list[str] | None:
+    """Return the package managers the device last reported, or None when it never reported facts."""
+
+    device = session.get(Device, device_id)
+    if device is None or device.facts is None:
+        return None
+    return list(device.facts.get("package_managers") or [])
 
 
 def load_device_view(session: Session, device_id: str) -> DeviceView:
@@ -184,6 +205,8 @@ def _device_view(session: Session, device: Device) -> DeviceView:
         last_seen_at=device.last_seen_at,
         agent_version=device.agent_version,
         token_revoked_at=device.token_revoked_at,
+        facts=device.facts,
+        facts_reported_at=device.facts_reported_at,
     )
 
 

@@ -34,6 +34,11 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     agent_version: Mapped[str | None] = mapped_column(String(64))
+    # The agent's DeviceFacts from its latest check-in; None until it sends some.
+    # NOTE: create_all adds no columns to existing tables, so a database created before
+    # facts, retries, check_in_deadline_at and stage_attempts existed needs them added by hand.
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    facts_reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class DeviceGroup(Base):
@@ -116,6 +121,10 @@ class Deployment(Base):
     update_id: Mapped[str] = mapped_column(ForeignKey("updates.id"))
     targets: Mapped[dict[str, Any]] = mapped_column(JSON)
     timeouts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # StageRetries that override the recipe's; None keeps the recipe's.
+    retries: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Devices that have not checked in by this time end timed_out, whatever their own deadline.
+    check_in_deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     device_count: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -148,6 +157,8 @@ class DeploymentDevice(Base):
     stage: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     rollback_error: Mapped[str | None] = mapped_column(Text)
+    # Attempts per stage that ran more than once after transient failures, e.g. {"files": 2}.
+    stage_attempts: Mapped[dict[str, int] | None] = mapped_column(JSON)
     abort_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

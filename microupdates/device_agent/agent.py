@@ -21,7 +21,9 @@ from microupdates.device_agent.client import (
 from microupdates.device_agent.config import AgentConfig
 from microupdates.device_agent.credentials import DeviceCredentials
 from microupdates.device_agent.change_log import CHANGES_DIRECTORY, ChangeLog
-from microupdates.device_agent.executors.commands import kill_process_group
+from microupdates.device_agent.executors.commands import kill_process_group, minimal_environment
+from microupdates.device_agent.executors.files import ArtifactDownloadError
+from microupdates.device_agent.facts import collect_facts
 from microupdates.device_agent.job_verification import REJECTION_PREFIX, JobRejectedError, JobVerifier
 from microupdates.device_agent.journal import Journal
 from microupdates.device_agent.stages import StageContext, run_stage
@@ -31,6 +33,7 @@ from microupdates.protocol.device_api import (
     STAGE_INTERRUPTED,
     STAGE_SUCCEEDED,
     CheckInResponse,
+    DeviceFacts,
     StageJob,
     StageReport,
 )
@@ -61,6 +64,7 @@ class Agent:
         self.client = DeviceApiClient(config.server_url, verify=config.tls_verification())
         self.credentials = DeviceCredentials(config, self.client)
         self.verifier = JobVerifier(config.state_dir, config.server_public_key)
+        self.facts: Optional[DeviceFacts] = None
 
     def run(self) -> None:
         """Run until the stop event is set."""
@@ -74,6 +78,7 @@ class Agent:
         try:
             self._ensure_credentials()
             self._recover_journal()
+            self._refresh_facts()
             self._poll_forever()
         except AgentStopped:
             logger.info("Agent stopped")
@@ -136,6 +141,7 @@ class Agent:
                         logger.warning("Killed process group %d left by the interrupted stage", process_group)
             report = StageReport(
                 status=STAGE_INTERRUPTED,
+                transient=True,
                 error="the agent restarted during the %s stage, so its outcome is unknown" % job.stage,
             )
             logger.warning("Job %d (%s) was interrupted by a restart; reporting it", job.job_id, job.stage)
@@ -162,7 +168,7 @@ class Agent:
         while not self.stop_event.is_set():
             try:
                 self.credentials.rotate_if_due()
-                response = self.client.check_in(__version__, self.config.long_poll_seconds)
+                response = self.client.check_in(__version__, self.config.long_poll_seconds, self.facts)
                 failures = 0
             except CredentialsRejectedError as error:
                 if self.credentials.fall_back_after_rejection():
@@ -180,6 +186,8 @@ class Agent:
 
             if response.job is not None:
                 self._run_verified_job(response)
+                # A stage may have installed or removed a package manager.
+                self._refresh_facts()
 
     def _run_verified_job(self, response: CheckInResponse) -> None:
         """Run the job only when it passes verification; otherwise run nothing and report the rejection."""
@@ -193,6 +201,14 @@ class Agent:
                 self._send_report(job_id, StageReport(status=STAGE_FAILED, error=REJECTION_PREFIX + str(error)))
             return
         self._run_job(job)
+
+    def _refresh_facts(self) -> None:
+        device_root = str(self.config.device_root) if self.config.device_root else None
+        env = minimal_environment(self._passed_environment(), device_root)
+        self.facts = collect_facts(env, device_root or "/")
+        logger.info("Device facts: package managers %s, python3 %s, %s on %s",
+                    ", ".join(self.facts.package_managers) or "none", self.facts.python_version or "missing",
+                    self.facts.architecture, self.facts.os_id)
 
     def _run_job(self, job: StageJob) -> None:
         logger.info("Job %d: %s stage of deployment %s (update %s)", job.job_id, job.stage, job.deployment_id,
@@ -281,7 +297,9 @@ class Agent:
                 return str(destination)
             except DeviceApiError as error:
                 if attempt == DOWNLOAD_ATTEMPTS:
-                    raise
+                    raise ArtifactDownloadError(
+                        "downloading artifact %s failed %d times: %s" % (sha256, DOWNLOAD_ATTEMPTS, error)
+                    ) from error
                 logger.warning("Download of %s failed (attempt %d): %s", sha256, attempt, error)
                 self._sleep(self._backoff(attempt))
         raise AssertionError("unreachable")

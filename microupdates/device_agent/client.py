@@ -16,6 +16,7 @@ from microupdates.protocol.device_api import (
     CheckInRequest,
     CheckInResponse,
     DeviceIdentity,
+    DeviceFacts,
     EnrolRequest,
     EnrolResponse,
     ProgressReport,
@@ -82,6 +83,12 @@ class DeviceApiClient:
     def read_identity(self) -> DeviceIdentity:
         response = self._request("GET", "/identity", json=None)
         return DeviceIdentity.model_validate(response.json())
+    def check_in(self, agent_version: str, wait_seconds: int, facts: Optional[DeviceFacts] = None) -> CheckInResponse:
+        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds, facts=facts)
+        response = self._request(
+            "POST", "/check-in", json=body.model_dump(exclude_none=True), read_timeout=wait_seconds + 15
+        )
+        return CheckInResponse.model_validate(response.json())
 
     def report_progress(self, job_id: int, output_tail: str, wait_seconds: int) -> ProgressResponse:
         body = ProgressReport(output_tail=output_tail, wait_seconds=wait_seconds)

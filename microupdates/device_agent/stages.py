@@ -183,6 +183,7 @@ def run_stage(job: StageJob, context: StageContext) -> StageReport:
     logger.warning("Stage %s of deployment %s failed: %s", job.stage, job.deployment_id, error)
     return StageReport(
         status=STAGE_FAILED,
+        transient=failed.transient,
         exit_code=failed.exit_code,
         duration_seconds=duration,
         error=error,

@@ -10,7 +10,7 @@ accepted and changes nothing.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -34,6 +34,9 @@ STAGE_SUCCEEDED = "succeeded"
 STAGE_FAILED = "failed"
 STAGE_INTERRUPTED = "interrupted"
 STAGE_ABORTED = "aborted"
+# Names in DeviceFacts.package_managers: apt-get and dpkg, `python -m pip`,
+# `python3 -m pip`, npm, and python3 itself (it creates virtualenvs).
+PACKAGE_MANAGER_FACTS = ("apt", "pip", "pip3", "npm", "python3")
 MAX_LONG_POLL_SECONDS = 60
 DEFAULT_LONG_POLL_SECONDS = 25
 MAX_REPORTED_OUTPUT_BYTES = 64 * 1024
@@ -72,9 +75,26 @@ class TokenRotationResponse(WireModel):
     device_token: str
 
 
+class DeviceFacts(WireModel):
+    """What the agent found on the device: the package managers a recipe may need, and a few details.
+
+    `package_managers` lists the names of PACKAGE_MANAGER_FACTS that work
+    with the PATH that stages run with.
+    """
+
+    package_managers: List[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=16)
+    python_version: Optional[str] = Field(default=None, max_length=64)
+    architecture: Optional[str] = Field(default=None, max_length=64)
+    os_id: Optional[str] = Field(default=None, max_length=64)
+    free_disk_bytes: Optional[int] = Field(default=None, ge=0)
+
+
 class CheckInRequest(WireModel):
+    """`facts` is sent by agents that collect them; a device that never sent any is treated as compatible."""
+
     agent_version: str
     wait_seconds: int = Field(default=DEFAULT_LONG_POLL_SECONDS, ge=0, le=MAX_LONG_POLL_SECONDS)
+    facts: Optional[DeviceFacts] = None
 
 
 class StageJob(WireModel):
@@ -146,6 +166,8 @@ class StepResult(WireModel):
     output_truncated: bool = False
     error: Optional[str] = None
     interpreter: Optional[str] = None
+    # The step failed for a reason that may pass by itself (see StageReport.transient).
+    transient: bool = False
 
 
 class StageReport(WireModel):
@@ -153,10 +175,14 @@ class StageReport(WireModel):
 
     `status` is `succeeded`, `failed`, `interrupted` (the agent restarted in
     the middle of the stage) or `aborted` (the server asked the agent to stop
-    it). `error` states in one sentence why it did not succeed.
+    it). `error` states in one sentence why it did not succeed. `transient`
+    is true when the failure may pass by itself (a download that failed, a
+    dpkg lock held too long, a restart of the agent), so the server may run
+    the stage again.
     """
 
     status: Literal["succeeded", "failed", "interrupted", "aborted"]
+    transient: bool = False
     exit_code: Optional[int] = Field(default=None, ge=-(2**31), le=2**31 - 1)
     duration_seconds: float = Field(default=0.0, ge=0)
     error: Optional[str] = None

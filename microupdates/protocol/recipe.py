@@ -28,6 +28,10 @@ DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 60
 MIN_HEARTBEAT_TIMEOUT_SECONDS = 10
 MAX_HEARTBEAT_TIMEOUT_SECONDS = 3600
 MAX_QUOTED_VALUE_CHARS = 80
+DEFAULT_STAGE_MAX_ATTEMPTS = 3
+MAX_STAGE_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_INITIAL_INTERVAL_SECONDS = 5
+MAX_RETRY_INITIAL_INTERVAL_SECONDS = 3600
 
 # The patterns end in \Z rather than $ because $ also matches before a final
 # newline, which would let "curl\n" pass as a name.
@@ -422,6 +426,22 @@ class DeviceTimeouts(RecipeModel):
     )
 
 
+class StageRetries(RecipeModel):
+    """How often a stage that failed transiently runs again; a deployment may override it.
+
+    A failure is transient when the agent restarted during the stage, or the
+    agent marked it so (an artifact download that failed, a dpkg lock held
+    too long). `max_attempts` counts the first run; the wait before the
+    second run is `initial_interval_seconds`, doubled before each further
+    one, at most 300 s. Other failures never run again.
+    """
+
+    max_attempts: int = Field(default=DEFAULT_STAGE_MAX_ATTEMPTS, ge=1, le=MAX_STAGE_MAX_ATTEMPTS, strict=True)
+    initial_interval_seconds: int = Field(
+        default=DEFAULT_RETRY_INITIAL_INTERVAL_SECONDS, ge=1, le=MAX_RETRY_INITIAL_INTERVAL_SECONDS, strict=True
+    )
+
+
 class Recipe(RecipeModel):
     """A micro update: general details, before, files, dependencies, after, rollback."""
 
@@ -434,6 +454,7 @@ class Recipe(RecipeModel):
     after: Optional[CommandStage] = None
     rollback: RollbackSettings = Field(default_factory=RollbackSettings)
     timeouts: DeviceTimeouts = Field(default_factory=DeviceTimeouts)
+    retries: StageRetries = Field(default_factory=StageRetries)
 
     @field_validator("version", mode="before")
     @classmethod

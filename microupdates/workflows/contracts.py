@@ -41,8 +41,11 @@ DEVICE_ROLLED_BACK = "rolled_back"
 DEVICE_ROLLBACK_FAILED = "rollback_failed"
 DEVICE_ABORTED = "aborted"
 DEVICE_TIMED_OUT = "timed_out"
+# The device lacks what the recipe needs (a package manager, say); nothing ran on it.
+DEVICE_SKIPPED = "skipped"
 FINAL_DEVICE_STATUSES = (
     DEVICE_SUCCEEDED, DEVICE_FAILED, DEVICE_ROLLED_BACK, DEVICE_ROLLBACK_FAILED, DEVICE_ABORTED, DEVICE_TIMED_OUT,
+    DEVICE_SKIPPED,
 )
 
 # Deployment statuses.
@@ -104,6 +107,14 @@ class DeploymentPlan:
     stage_descriptions: dict[str, str] = field(default_factory=dict)
     # The deployment's limits, stop rule and phases; children get the plan without it.
     rollout: RolloutSettings | None = None
+    # DeviceFacts.package_managers names the recipe needs; a device known to lack one is skipped.
+    required_package_managers: list[str] = field(default_factory=list)
+    # Runs of a stage that fails transiently, the first included, and the wait before the
+    # second run, doubled before each further one.
+    stage_max_attempts: int = 1
+    retry_initial_interval_seconds: int = 5
+    # The deployment's absolute check-in deadline (Unix time), on top of the per-device one.
+    check_in_deadline_epoch_seconds: float | None = None
 
 
 @dataclass
@@ -225,6 +236,8 @@ class DeviceUpdateResult:
     stage: str | None = None
     error: str | None = None
     rollback_error: str | None = None
+    # Stages that ran more than once, with their number of attempts.
+    stage_attempts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -232,6 +245,17 @@ class StageJobInput:
     deployment_id: str
     device_id: str
     stage: str
+    # 1 for a stage's first run; each later attempt gets its own job row and activity id.
+    attempt: int = 1
+    # For the check-in only: what the device needs. Stored facts that lack one end the wait at once.
+    required_package_managers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckInOutcome:
+    """The device's package managers as it last reported them; None when it never reported facts."""
+
+    package_managers: list[str] | None = None
 
 
 @dataclass
@@ -242,6 +266,8 @@ class StageOutcome:
     exit_code: int | None = None
     duration_seconds: float = 0.0
     error: str | None = None
+    # The device classified the failure as one that may pass when the stage runs again.
+    transient: bool = False
 
 
 @dataclass
@@ -252,6 +278,7 @@ class RecordDeviceOutcomeInput:
     stage: str | None
     error: str | None
     rollback_error: str | None = None
+    stage_attempts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,12 +5,20 @@ reverts are registered. When a stage fails, is aborted or the device is lost,
 the registered reverts run on the device in reverse order, then the recipe's
 rollback command and reboot. Every compensation is idempotent on the agent, so
 running one again after a lost report is harmless.
+
+A stage that fails transiently (the agent marks the report `transient`, or
+the agent restarted during it) runs again, up to the plan's
+`stage_max_attempts`, with exponential backoff. Only that stage runs again:
+its compensation is registered already, and the change log on the device
+keeps the records of every attempt, so a rollback still restores the state
+from before the first one. A device whose reported facts lack a package
+manager the recipe needs ends `skipped` before any stage runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -18,12 +26,14 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from microupdates import search_attributes
+    from microupdates.device_requirements import incompatibility
     from microupdates.protocol.device_api import (
         REBOOT_STAGE,
         REVERT_FILES_STAGE,
         REVERT_PACKAGES_STAGE,
         ROLLBACK_COMMAND_STAGE,
         STAGE_ABORTED,
+        STAGE_INTERRUPTED,
         STAGE_SUCCEEDED,
     )
     from microupdates.workflows.contracts import (
@@ -33,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         DEVICE_FAILED,
         DEVICE_ROLLBACK_FAILED,
         DEVICE_ROLLED_BACK,
+        DEVICE_SKIPPED,
         DEVICE_SUCCEEDED,
         DEVICE_TIMED_OUT,
         DEVICE_UPDATE_WORKFLOW,
@@ -40,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         RECORD_DEVICE_ROLLBACK_START_ACTIVITY,
         RUN_DEVICE_STAGE_ACTIVITY,
         STAGE_PICKUP_ALLOWANCE_SECONDS,
+        CheckInOutcome,
         DeploymentPlan,
         DeviceUpdateInput,
         DeviceUpdateResult,
@@ -56,37 +68,45 @@ RECORD_TIMEOUT = timedelta(seconds=60)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # Time for the revert stages themselves once the device has picked them up.
 REVERT_STAGE_SECONDS = 1800
+# Maximum wait between two attempts of a stage.
+MAX_RETRY_INTERVAL_SECONDS = 300
 
 
 class StageFailure(Exception):
     """Raised inside the workflow when a stage did not succeed.
 
     `aborted` is true when the operator stopped it, `cancelled` when that came
-    as a Temporal cancel of this workflow (for example from the Web UI).
+    as a Temporal cancel of this workflow (for example from the Web UI), and
+    `timed_out` when the device did not check in before its deadline.
     """
 
-    def __init__(self, stage: str, reason: str, aborted: bool = False, cancelled: bool = False) -> None:
+    def __init__(
+        self, stage: str, reason: str, aborted: bool = False, cancelled: bool = False, timed_out: bool = False
+    ) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
         self.aborted = aborted or cancelled
         self.cancelled = cancelled
+        self.timed_out = timed_out
 
 
 @workflow.defn(name=DEVICE_UPDATE_WORKFLOW)
 class DeviceUpdateWorkflow:
     def __init__(self) -> None:
         self._cancelled = False
+        self._stage_attempts: dict[str, int] = {}
 
     @workflow.run
     async def run(self, update: DeviceUpdateInput) -> DeviceUpdateResult:
         result = await self._update(update)
+        result.stage_attempts = dict(self._stage_attempts)
 
         await workflow.execute_activity(
             RECORD_DEVICE_OUTCOME_ACTIVITY,
             RecordDeviceOutcomeInput(
                 update.deployment_id, update.device_id, result.status, result.stage, result.error,
-                result.rollback_error,
+                result.rollback_error, result.stage_attempts,
             ),
             start_to_close_timeout=RECORD_TIMEOUT,
             retry_policy=RECORD_RETRY,
@@ -101,16 +121,23 @@ class DeviceUpdateWorkflow:
         """Run the update and return its result; a Temporal cancel is handled like an abort."""
 
         try:
-            await self._await_check_in(update)
+            check_in = await self._await_check_in(update)
         except StageFailure as failure:
             self._cancelled = failure.cancelled
             if failure.aborted:
                 status = DEVICE_ABORTED
-            elif failure.stage == "check_in" and failure.reason.startswith("the device did not check in"):
+            elif failure.timed_out:
                 status = DEVICE_TIMED_OUT
             else:
                 status = DEVICE_FAILED
             return DeviceUpdateResult(update.device_id, status, failure.stage, failure.reason)
+
+        reason = incompatibility(update.plan.required_package_managers, check_in.package_managers)
+        if reason is not None:
+            workflow.logger.info(
+                "Device %s of deployment %s skipped: %s", update.device_id, update.deployment_id, reason
+            )
+            return DeviceUpdateResult(update.device_id, DEVICE_SKIPPED, None, reason)
 
         compensations: list[str] = []
         try:
@@ -120,12 +147,29 @@ class DeviceUpdateWorkflow:
             return await self._roll_back(update, compensations, failure)
         return DeviceUpdateResult(update.device_id, DEVICE_SUCCEEDED)
 
-    async def _await_check_in(self, update: DeviceUpdateInput) -> None:
-        deadline = update.plan.check_in_deadline_seconds
+    async def _await_check_in(self, update: DeviceUpdateInput) -> CheckInOutcome:
+        """Wait for the device's first check-in and return its facts; stored facts that rule it out return at once."""
+
+        plan = update.plan
+        deadline = plan.check_in_deadline_seconds
+        timeout_reason = f"the device did not check in within {deadline} s"
+        if plan.check_in_deadline_epoch_seconds is not None:
+            deadline_text = format_epoch(plan.check_in_deadline_epoch_seconds)
+            remaining = plan.check_in_deadline_epoch_seconds - workflow.now().timestamp()
+            if remaining <= 0:
+                raise StageFailure(
+                    "check_in", f"the device did not check in before the deployment's deadline {deadline_text}",
+                    timed_out=True,
+                )
+            if remaining < deadline:
+                deadline = max(1, int(remaining))
+                timeout_reason = f"the device did not check in before the deployment's deadline {deadline_text}"
         try:
-            await workflow.execute_activity(
+            outcome: CheckInOutcome | None = await workflow.execute_activity(
                 AWAIT_DEVICE_CHECK_IN_ACTIVITY,
-                StageJobInput(update.deployment_id, update.device_id, "check_in"),
+                StageJobInput(update.deployment_id, update.device_id, "check_in",
+                              required_package_managers=list(plan.required_package_managers)),
+                result_type=CheckInOutcome,
                 activity_id="check_in",
                 start_to_close_timeout=timedelta(seconds=deadline),
                 retry_policy=NO_RETRY,
@@ -141,8 +185,10 @@ class DeviceUpdateWorkflow:
             if is_abort(error):
                 raise StageFailure("check_in", "aborted before the device started", aborted=True) from error
             if isinstance(error.cause, TimeoutError):
-                raise StageFailure("check_in", f"the device did not check in within {deadline} s") from error
+                raise StageFailure("check_in", timeout_reason, timed_out=True) from error
             raise StageFailure("check_in", f"waiting for the device failed: {error.cause or error}") from error
+        # A worker or API of an older version completes the check-in without a result.
+        return outcome or CheckInOutcome()
 
     async def _run_stages(self, update: DeviceUpdateInput, compensations: list[str]) -> None:
         plan = update.plan
@@ -152,20 +198,49 @@ class DeviceUpdateWorkflow:
                 # Registered before the stage runs, so a stage that fails half-way is reverted too.
                 compensations.append(compensation)
 
-            outcome = await self._run_stage(update, stage)
+            outcome = await self._run_stage_with_retries(update, stage)
             if outcome.status != STAGE_SUCCEEDED:
                 reason = outcome.error or f"the {stage} stage ended with status {outcome.status}"
+                attempts = self._stage_attempts.get(stage, 1)
+                if attempts > 1:
+                    reason = f"{reason} (after {attempts} attempts)"
                 raise StageFailure(stage, reason, aborted=outcome.status == STAGE_ABORTED)
 
-    async def _run_stage(self, update: DeviceUpdateInput, stage: str) -> StageOutcome:
+    async def _run_stage_with_retries(self, update: DeviceUpdateInput, stage: str) -> StageOutcome:
+        """Run a stage, and run it again after a transient failure until the plan's attempts are used up."""
+
+        plan = update.plan
+        attempt = 1
+        while True:
+            outcome = await self._run_stage(update, stage, attempt)
+            if attempt > 1:
+                self._stage_attempts[stage] = attempt
+            if outcome.status == STAGE_SUCCEEDED or not is_transient(outcome) or attempt >= plan.stage_max_attempts:
+                return outcome
+
+            delay = retry_interval_seconds(plan, attempt)
+            workflow.logger.info(
+                "Stage %s failed transiently on device %s of deployment %s (attempt %d of %d): %s; "
+                "running it again in %d s",
+                stage, update.device_id, update.deployment_id, attempt, plan.stage_max_attempts, outcome.error,
+                delay,
+            )
+            try:
+                await workflow.sleep(timedelta(seconds=delay))
+            except asyncio.CancelledError as error:
+                raise StageFailure(stage, f"the workflow was cancelled while the {stage} stage waited to run again",
+                                   cancelled=True) from error
+            attempt += 1
+
+    async def _run_stage(self, update: DeviceUpdateInput, stage: str, attempt: int = 1) -> StageOutcome:
         plan = update.plan
         stage_timeout = plan.stage_timeout_seconds[stage]
         try:
             return await workflow.execute_activity(
                 RUN_DEVICE_STAGE_ACTIVITY,
-                StageJobInput(update.deployment_id, update.device_id, stage),
+                StageJobInput(update.deployment_id, update.device_id, stage, attempt),
                 result_type=StageOutcome,
-                activity_id=stage,
+                activity_id=stage if attempt == 1 else f"{stage}-attempt-{attempt}",
                 start_to_close_timeout=timedelta(seconds=stage_timeout + STAGE_PICKUP_ALLOWANCE_SECONDS),
                 heartbeat_timeout=timedelta(seconds=plan.heartbeat_timeout_seconds),
                 retry_policy=NO_RETRY,
@@ -271,6 +346,23 @@ def compensation_seconds(step: str, plan: DeploymentPlan) -> int:
     if step == ROLLBACK_COMMAND_STAGE and plan.rollback_command_timeout_seconds is not None:
         return plan.rollback_command_timeout_seconds + STAGE_PICKUP_ALLOWANCE_SECONDS
     return REVERT_STAGE_SECONDS
+
+
+def is_transient(outcome: StageOutcome) -> bool:
+    """Check whether running the stage again may succeed: it was marked transient, or interrupted by a restart."""
+
+    return outcome.transient or outcome.status == STAGE_INTERRUPTED
+
+
+def retry_interval_seconds(plan: DeploymentPlan, failed_attempt: int) -> int:
+    """Return the wait after the given failed attempt: the initial interval, doubled each time, capped."""
+
+    interval = plan.retry_initial_interval_seconds * 2 ** min(failed_attempt - 1, 16)
+    return min(interval, MAX_RETRY_INTERVAL_SECONDS)
+
+
+def format_epoch(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def is_abort(error: ActivityError) -> bool:

@@ -185,6 +185,35 @@ def test_deploy_check_in_deadline_times_out_silent_device(cli, api, fleet, tmp_p
     assert stored["status"] == "failed"
 
 
+def test_deploy_deadline_times_out_silent_device(cli, api, fleet, tmp_path, unique_name):
+    name = f"deadline-{unique_name}"
+    register_devices(api, fleet, [name], f"deadline-{unique_name}", start=False)
+    recipe = write_recipe(tmp_path / "recipe", {"version": "1.0.3", "before": {"run": "true"},
+                                                "retries": {"max_attempts": 2}})
+
+    result = cli("deploy", str(recipe), "--device", name, "--deadline", "3s", "--max-attempts", "1",
+                 "--wait", "--json")
+
+    assert result.exit_code == 2, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["devices"][0]["status"] == "timed_out"
+    assert "the deployment's deadline" in summary["devices"][0]["error"]
+    stored = api.read_deployment(summary["deployment_id"])
+    assert stored["check_in_deadline_at"] is not None
+
+
+def test_deploy_rejects_invalid_deadline(cli, api, fleet, tmp_path, unique_name):
+    name = f"baddeadline-{unique_name}"
+    register_devices(api, fleet, [name], f"baddeadline-{unique_name}", start=False)
+    recipe = write_recipe(tmp_path / "recipe", {"version": "1.0.4", "before": {"run": "true"}})
+
+    result = cli("deploy", str(recipe), "--device", name, "--deadline", "2020-01-01T00:00:00Z")
+
+    assert result.exit_code == 1
+    assert "check_in_deadline" in result.stderr
+    assert "is in the past" in result.stderr
+
+
 def test_deploy_needs_recipe_or_update(cli):
     neither = cli("deploy")
     both = cli("deploy", "recipe.yaml", "--update", "upd-1")

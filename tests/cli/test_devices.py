@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
+
+from microupdates.device_agent.client import DeviceApiClient
+from microupdates.protocol.device_api import DeviceFacts
 
 
 def test_devices_register_prints_token_once(cli, api, unique_name):
@@ -157,3 +161,26 @@ def test_devices_revoke_and_issue_token(cli, api, stack, unique_name):
     assert issued.exit_code == 0, issued.output
     assert check_in(old) == 401
     assert check_in(new) == 200
+
+
+def test_devices_show_lists_reported_facts(cli, api, stack, unique_name):
+    name = f"facts-{unique_name}"
+    token = api.register_device(name, groups=[name])["token"]
+    before = cli("devices", "show", name)
+    device_api = DeviceApiClient(stack.api_url, token)
+    try:
+        device_api.check_in("test", 0, DeviceFacts(package_managers=["apt", "python3"], python_version="3.9.2",
+                                                   architecture="aarch64", os_id="raspbian"))
+    finally:
+        device_api.close()
+
+    after = cli("devices", "show", name)
+
+    assert before.exit_code == 0, before.output
+    assert "not reported yet" in before.stdout
+    assert after.exit_code == 0, after.output
+    assert re.search(r"^package managers +apt, python3 *$", after.stdout, re.MULTILINE), after.stdout
+    assert re.search(r"^python3 +3\.9\.2 *$", after.stdout, re.MULTILINE), after.stdout
+    assert re.search(r"^architecture +aarch64 *$", after.stdout, re.MULTILINE), after.stdout
+    assert re.search(r"^OS +raspbian *$", after.stdout, re.MULTILINE), after.stdout
+    assert re.search(r"^free disk +unknown *$", after.stdout, re.MULTILINE), after.stdout

@@ -8,7 +8,7 @@ from microupdates.cli.watch import (
     DeviceEvent,
     exit_code_for,
 )
-from microupdates.cli.output import escape_device_text
+from microupdates.cli.output import describe_device_error, escape_device_text
 from microupdates.cli.watch_display import describe_event
 
 
@@ -91,3 +91,18 @@ def test_escape_device_text_neutralises_terminal_controls():
     escaped = escape_device_text(text)
 
     assert escaped == "\\x1b]0;title\\x07\\x1b[31mRED\\x1b[0m line\nnext\ttab \\x9b"
+
+
+def test_exit_code_for_skipped_device_is_success():
+    assert exit_code_for(snapshot("succeeded", ("a", "succeeded", None), ("b", "skipped", None))) == 0
+    assert exit_code_for(snapshot("failed", ("a", "skipped", None), ("b", "failed", "before"))) == 2
+
+
+def test_device_error_names_retried_stages():
+    row = {"error": None, "rollback_error": None, "stage_attempts": {"files": 2}}
+    failed_row = {"stage": "after", "error": "after: exited with status 1", "stage_attempts": {"files": 2}}
+    retried_row = {"stage": "files", "error": "files: download failed (after 3 attempts)", "stage_attempts": {"files": 3}}
+
+    assert describe_device_error(row) == "files: 2 attempts"
+    assert describe_device_error(failed_row) == "after: exited with status 1 (files: 2 attempts)"
+    assert describe_device_error(retried_row) == "files: download failed (after 3 attempts)"

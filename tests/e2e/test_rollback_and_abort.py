@@ -203,6 +203,8 @@ def test_agent_killed_mid_stage_reports_interrupted_once(api, fleet, tmp_path, u
         "targets": {"devices": [name]},
         "before": {"run": 'echo $$ > "$MICROUPDATES_DEVICE_ROOT/running"; sleep 300', "timeout_seconds": 600},
         "rollback": {"command": "true"},
+        # An interrupted stage would otherwise run again, and sleep again.
+        "retries": {"max_attempts": 1},
     }
     update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
     deployment = api.deploy(update["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -32,7 +33,7 @@ from microupdates.db import jobs as job_store
 from microupdates.db import secrets as secret_store
 from microupdates.db.models import Deployment, DeploymentDevice, Update
 from microupdates.errors import InvalidRequestError
-from microupdates.protocol.recipe import DeviceTimeouts, Recipe, TargetSelection
+from microupdates.protocol.recipe import DeviceTimeouts, Recipe, StageRetries, TargetSelection
 from microupdates.protocol.secret_references import recipe_command_texts, referenced_secret_names
 from microupdates.rollout import RolloutOptions
 from microupdates.workflows.contracts import (
@@ -61,7 +62,8 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
     """Start a deployment and return at once; it runs as a Temporal workflow."""
 
     return await start_deployment(
-        state, body.update_id, body.source_deployment_id, body.targets, body.timeouts, body.rollout_options()
+        state, body.update_id, body.source_deployment_id, body.targets, body.timeouts, body.rollout_options(),
+        body.retries, body.check_in_deadline,
     )
 
 
@@ -81,6 +83,8 @@ async def start_deployment(
     targets: TargetSelection | None,
     timeouts: DeviceTimeouts | None,
     rollout: RolloutOptions,
+    retries: StageRetries | None = None,
+    check_in_deadline: datetime | None = None,
 ) -> DeploymentCreated:
     def insert() -> tuple[str, str, str, TargetSelection]:
         with state.database.session() as session:
@@ -94,7 +98,8 @@ async def start_deployment(
             check_recipe_secrets_exist(session, recipe)
             chosen_targets = targets or recipe.targets
             deployment = deployment_store.create_deployment(
-                session, chosen_update_id, chosen_targets, chosen_timeouts, rollout, source_deployment_id
+                session, chosen_update_id, chosen_targets, chosen_timeouts, rollout, source_deployment_id,
+                retries, check_in_deadline,
             )
             return deployment.id, chosen_update_id, recipe.version, chosen_targets
 
@@ -333,6 +338,7 @@ def summarize(deployment: Deployment, update: Update, counts: dict[str, int]) ->
         source_deployment_id=deployment.source_deployment_id,
         paused=bool((deployment.rollout_state or {}).get("paused")),
         current_phase=(deployment.rollout_state or {}).get("phase_index", 0) + 1 if deployment.rollout_state else None,
+        check_in_deadline_at=deployment.check_in_deadline_at,
     )
 
 
@@ -344,6 +350,7 @@ def device_public(row: DeploymentDevice) -> DeploymentDevicePublic:
         stage=row.stage,
         error=row.error,
         rollback_error=row.rollback_error,
+        stage_attempts=row.stage_attempts or {},
         abort_requested=row.abort_requested_at is not None,
         started_at=row.started_at,
         finished_at=row.finished_at,
@@ -354,6 +361,7 @@ def stage_public(job) -> StageResultPublic:
     report = job.report or {}
     return StageResultPublic(
         stage=job.stage,
+        attempt=job.attempt,
         state=job.state,
         status=report.get("status"),
         exit_code=report.get("exit_code"),

@@ -82,7 +82,8 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
         with state.database.session() as session:
             row = session.get(Device, device.id)
             if row is not None:
-                device_store.mark_device_seen(session, row, body.agent_version)
+                facts = body.facts.model_dump(mode="json") if body.facts is not None else None
+                device_store.mark_device_seen(session, row, body.agent_version, facts)
 
     # The device row read by the authentication shows whether a write is due, so most
     # check-ins open no transaction for it.

@@ -26,8 +26,13 @@ from microupdates.cli.rollout_options import (
     PhaseOption,
     build_rollout,
 )
+from microupdates.protocol.recipe import (
+    MAX_CHECK_IN_DEADLINE_SECONDS,
+    MAX_HEARTBEAT_TIMEOUT_SECONDS,
+    MAX_RETRY_INITIAL_INTERVAL_SECONDS,
+    MAX_STAGE_MAX_ATTEMPTS,
+)
 from microupdates.rollout import DEFAULT_MAX_CONCURRENT
-from microupdates.protocol.recipe import MAX_CHECK_IN_DEADLINE_SECONDS, MAX_HEARTBEAT_TIMEOUT_SECONDS
 
 
 def deploy(
@@ -68,6 +73,33 @@ def deploy(
     max_failures: MaxFailuresOption = None,
     min_finished: MinFinishedOption = 1,
     phase: PhaseOption = None,
+    deadline: Annotated[
+        Optional[str],
+        typer.Option(
+            "--deadline",
+            help="Devices that have not checked in by then end timed_out: a duration from now (90s, 30m, 2h, 1d) "
+            "or a date-time with a time zone (2026-05-01T18:00:00Z). Applies on top of --check-in-deadline.",
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-attempts",
+            min=1,
+            max=MAX_STAGE_MAX_ATTEMPTS,
+            help="Runs of a stage that fails transiently (download error, agent restart), the first included; "
+            "1 turns retries off. Default: the recipe's (3).",
+        ),
+    ] = None,
+    retry_interval: Annotated[
+        Optional[int],
+        typer.Option(
+            "--retry-interval",
+            min=1,
+            max=MAX_RETRY_INITIAL_INTERVAL_SECONDS,
+            help="Seconds before a stage's second run, doubled before each further one. Default: the recipe's (5).",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the deployment until it ends, showing each device's progress.")] = False,
     timeout: WatchTimeoutOption = DEFAULT_WATCH_TIMEOUT_SECONDS,
     plain: PlainOption = False,
@@ -99,9 +131,20 @@ def deploy(
 
         timeouts = None
         if check_in_deadline is not None or heartbeat_timeout is not None:
-            timeouts = complete_timeouts(api, update, check_in_deadline, heartbeat_timeout)
+            timeouts = with_recipe_settings(api, update, "timeouts", {
+                "check_in_deadline_seconds": check_in_deadline, "heartbeat_timeout_seconds": heartbeat_timeout,
+            })
 
-        deployment = api.deploy(update, devices=device, groups=group, tags=tag, timeouts=timeouts, rollout=rollout)
+        retries = None
+        if max_attempts is not None or retry_interval is not None:
+            retries = with_recipe_settings(api, update, "retries", {
+                "max_attempts": max_attempts, "initial_interval_seconds": retry_interval,
+            })
+
+        deployment = api.deploy(
+            update, devices=device, groups=group, tags=tag, timeouts=timeouts, rollout=rollout,
+            retries=retries, check_in_deadline=deadline,
+        )
         report_step(
             as_json,
             "deployment_created",
@@ -125,20 +168,17 @@ def report_step(as_json: bool, event: str, message: str, **fields: Any) -> None:
         make_console().print(message, soft_wrap=True)
 
 
-def complete_timeouts(
-    api: OperatorApiClient, update_id: str, check_in_deadline: int | None, heartbeat_timeout: int | None
+def with_recipe_settings(
+    api: OperatorApiClient, update_id: str, section: str, overrides: dict[str, int | None]
 ) -> dict[str, int]:
-    """Return both deployment timeouts, taking the one not given on the command line from the update's recipe.
+    """Return the recipe's settings in `section` (timeouts, retries) with the command line's values on top.
 
-    The API replaces the recipe's timeouts as a whole when a deployment sets
-    any, so a field left out would fall back to the built-in default rather
+    The API replaces a recipe's section as a whole when a deployment sets
+    it, so a field left out would fall back to the built-in default rather
     than to the recipe's value.
     """
 
-    recipe_timeouts = api.read_update(update_id)["recipe"].get("timeouts") or {}
-    timeouts = {key: value for key, value in recipe_timeouts.items() if isinstance(value, int)}
-    if check_in_deadline is not None:
-        timeouts["check_in_deadline_seconds"] = check_in_deadline
-    if heartbeat_timeout is not None:
-        timeouts["heartbeat_timeout_seconds"] = heartbeat_timeout
-    return timeouts
+    recipe_settings = api.read_update(update_id)["recipe"].get(section) or {}
+    settings = {key: value for key, value in recipe_settings.items() if isinstance(value, int)}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return settings

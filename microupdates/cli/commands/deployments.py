@@ -43,6 +43,7 @@ from microupdates.cli.tables import (
     stage_results_table,
 )
 from microupdates.rollout import DEFAULT_MAX_CONCURRENT
+from microupdates.workflows.contracts import DEVICE_SKIPPED
 
 app = typer.Typer(
     help="List, show, watch, abort, redeploy, pause, resume and promote deployments. "
@@ -120,6 +121,9 @@ def show_device_result(
     error = describe_device_error(result)
     if error:
         console.print(Text(error, style="red"))
+    if not result["stages"] and result["status"] == DEVICE_SKIPPED:
+        console.print("No stage ran on this device, because it was skipped.")
+        return
     if not result["stages"]:
         console.print("No stage has run on this device yet.")
         return

@@ -63,6 +63,10 @@ NEW_DIRECTORY_MODE = 0o755
 FREE_SPACE_STEP = "check free space"
 
 
+class ArtifactDownloadError(OSError):
+    """Raised by `open_artifact` when an artifact could not be fetched; a later attempt may succeed."""
+
+
 @dataclass
 class _ResolvedEntry:
     """A file entry with its destination mapped to this machine and its artifact downloaded."""
@@ -437,6 +441,11 @@ def _prepare(
         started = time.monotonic()
         try:
             resolved.append(_resolve_entry(entry, device_root, open_artifact))
+        except ArtifactDownloadError as error:
+            logger.error("Downloading %s failed: %s", _step_name(entry), error)
+            return [], StepResult(
+                name=_step_name(entry), duration_seconds=time.monotonic() - started, error=str(error), transient=True
+            )
         except (FileInstallError, ValueError, OSError, tarfile.TarError) as error:
             logger.error("Preparing %s failed: %s", _step_name(entry), error)
             return [], StepResult(name=_step_name(entry), duration_seconds=time.monotonic() - started, error=str(error))

@@ -181,6 +181,12 @@ def _was_waiting_for_lock(output: str) -> bool:
     return bool(lines) and lines[-1].startswith(_APT_WAITING_FOR_LOCK)
 
 
+def is_apt_lock_failure(output: str) -> bool:
+    """Check whether apt-get failed, or was stopped, because another process held a dpkg lock."""
+
+    return _failed_lock_path(output) is not None or _was_waiting_for_lock(output)
+
+
 def _describe_holder(path: str, holder: Optional[LockHolder]) -> str:
     if holder is None:
         return f"the dpkg lock {path} is held by another process, which has ended or could not be identified"

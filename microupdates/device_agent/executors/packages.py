@@ -29,6 +29,7 @@ from microupdates.device_agent.executors.package_checks import (
     describe_missing_apt_packages,
     describe_unfinished_packages,
     find_lock_holder,
+    is_apt_lock_failure,
     is_externally_managed_error,
     unfinished_packages,
 )
@@ -150,6 +151,8 @@ def _install_apt(group: AptPackages, runner: _GroupRunner, lock_timeout_seconds:
     argv = [apt_get, "install", *apt_install_options(lock_timeout_seconds), *_package_specs(group, "=")]
     result = runner.run(argv, name)
     result.error = _explain_apt_error(result, lock_timeout_seconds, runner.timeout_error)
+    # A dpkg lock held by another process (an unattended upgrade, say) is usually released later.
+    result.transient = result.error is not None and is_apt_lock_failure(result.output)
     return [result]
 
 
