@@ -156,18 +156,23 @@ def mark_device_seen(
     Facts are written only when they differ from the stored ones.
     """
 
-    if device_seen_write_due(device, agent_version):
-        device.last_seen_at = utc_now()
-        device.agent_version = agent_version
-
-
-def device_seen_write_due(device: Device, agent_version: str) -> bool:
-    """Return whether a check-in must update the device's last-seen time or agent version."""
-
     now = utc_now()
     if facts is not None and facts != device.facts:
         device.facts = facts
         device.facts_reported_at = now
+    if last_seen_write_due(device, agent_version):
+        device.last_seen_at = now
+        device.agent_version = agent_version
+
+
+def device_seen_write_due(device: Device, agent_version: str, facts: dict[str, Any] | None = None) -> bool:
+    """Return whether a check-in must update the device's last-seen time, agent version or facts."""
+
+    return (facts is not None and facts != device.facts) or last_seen_write_due(device, agent_version)
+
+
+def last_seen_write_due(device: Device, agent_version: str) -> bool:
+    now = utc_now()
     last_seen = device.last_seen_at
     if last_seen is not None and last_seen.tzinfo is None:
         last_seen = last_seen.replace(tzinfo=now.tzinfo)

@@ -78,16 +78,17 @@ def rotate_token(device: CurrentDevice, state: State) -> TokenRotationResponse:
 async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) -> CheckInResponse:
     """Return the device's next stage job, holding the request open up to `wait_seconds` for one."""
 
+    facts = body.facts.model_dump(mode="json") if body.facts is not None else None
+
     def mark_seen() -> None:
         with state.database.session() as session:
             row = session.get(Device, device.id)
             if row is not None:
-                facts = body.facts.model_dump(mode="json") if body.facts is not None else None
                 device_store.mark_device_seen(session, row, body.agent_version, facts)
 
     # The device row read by the authentication shows whether a write is due, so most
     # check-ins open no transaction for it.
-    if device_store.device_seen_write_due(device, body.agent_version):
+    if device_store.device_seen_write_due(device, body.agent_version, facts):
         await asyncio.to_thread(mark_seen)
     response = await state.device_jobs.check_in(device.id, body.wait_seconds)
     state.metrics.check_ins.labels("job" if response.job is not None else "no_job").inc()
