@@ -72,9 +72,11 @@ class DeviceApiClient:
         response = self._request("POST", "/token/rotate", json={})
         return TokenRotationResponse.model_validate(response.json()).device_token
 
-    def check_in(self, agent_version: str, wait_seconds: int) -> CheckInResponse:
-        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds)
-        response = self._request("POST", "/check-in", json=body.model_dump(), read_timeout=wait_seconds + 15)
+    def check_in(self, agent_version: str, wait_seconds: int, facts: Optional[DeviceFacts] = None) -> CheckInResponse:
+        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds, facts=facts)
+        response = self._request(
+            "POST", "/check-in", json=body.model_dump(exclude_none=True), read_timeout=wait_seconds + 15
+        )
         received = response.json()
         check_in = CheckInResponse.model_validate(received)
         check_in.keep_received_job(received.get("job"))
@@ -83,12 +85,6 @@ class DeviceApiClient:
     def read_identity(self) -> DeviceIdentity:
         response = self._request("GET", "/identity", json=None)
         return DeviceIdentity.model_validate(response.json())
-    def check_in(self, agent_version: str, wait_seconds: int, facts: Optional[DeviceFacts] = None) -> CheckInResponse:
-        body = CheckInRequest(agent_version=agent_version, wait_seconds=wait_seconds, facts=facts)
-        response = self._request(
-            "POST", "/check-in", json=body.model_dump(exclude_none=True), read_timeout=wait_seconds + 15
-        )
-        return CheckInResponse.model_validate(response.json())
 
     def report_progress(self, job_id: int, output_tail: str, wait_seconds: int) -> ProgressResponse:
         body = ProgressReport(output_tail=output_tail, wait_seconds=wait_seconds)
