@@ -9,10 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from microupdates import __version__
+from microupdates.api.body_limits import BodySizeLimit
 from microupdates.api.deps import ApiState
 from microupdates.api.device_jobs import DeviceJobs
 from microupdates.api.job_notifier import JobNotifier
 from microupdates.api.metrics import ApiMetrics
+from microupdates.api.responses import DEVICE_ERROR_RESPONSES, OPERATOR_ERROR_RESPONSES
 from microupdates.api.routes import deployments, device_agent, devices, updates
 from microupdates.artifact_store import ArtifactStore
 from microupdates.db.session import Database
@@ -43,7 +45,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             temporal=temporal,
             notifier=notifier,
             device_jobs=DeviceJobs(database, temporal, notifier),
-            artifacts=ArtifactStore(settings.resolved_artifact_dir()),
+            artifacts=ArtifactStore(settings.resolved_artifact_dir(), settings.max_artifact_bytes),
             metrics=metrics,
         )
         logger.info("API ready; Temporal at %s, task queue %s", settings.temporal_address, settings.task_queue)
@@ -57,18 +59,26 @@ def create_app(settings: ServerSettings) -> FastAPI:
         description="Ship application updates to fleets of Linux edge devices.",
         lifespan=lifespan,
     )
-    app.include_router(devices.router, prefix=OPERATOR_API_PREFIX)
-    app.include_router(updates.router, prefix=OPERATOR_API_PREFIX)
-    app.include_router(deployments.router, prefix=OPERATOR_API_PREFIX)
-    app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX)
+    for router in (devices.router, updates.router, deployments.router):
+        app.include_router(router, prefix=OPERATOR_API_PREFIX, responses=OPERATOR_ERROR_RESPONSES)
+    app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX, responses=DEVICE_ERROR_RESPONSES)
     register_error_handlers(app)
     metrics.install(app)
+    app.add_middleware(BodySizeLimit, limit_for=lambda path: body_limit_for(settings, path))
 
     @app.get("/healthz", tags=["health"])
     def read_health() -> dict[str, str]:
         return {"status": "ok"}
 
     return app
+
+
+def body_limit_for(settings: ServerSettings, path: str) -> tuple[int, str]:
+    """Return the body limit of a request path and the name of the setting behind it."""
+
+    if path == f"{OPERATOR_API_PREFIX}/artifacts":
+        return settings.max_artifact_bytes, "max_artifact_bytes"
+    return settings.max_request_body_bytes, "max_request_body_bytes"
 
 
 def register_error_handlers(app: FastAPI) -> None:

@@ -13,6 +13,7 @@ from temporalio.service import RPCError
 from microupdates import search_attributes
 
 from microupdates.api.deps import State
+from microupdates.api.responses import error_responses
 from microupdates.api.schemas import (
     AbortResult,
     DeploymentCreate,
@@ -41,7 +42,12 @@ router = APIRouter(tags=["deployments"])
 MAX_DEVICES_PER_PAGE = 1000
 
 
-@router.post("/deployments", status_code=status.HTTP_202_ACCEPTED, response_model=DeploymentCreated)
+@router.post(
+    "/deployments",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentCreated,
+    responses=error_responses(404, 503),
+)
 async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentCreated:
     """Start a deployment and return at once; it runs as a Temporal workflow."""
 
@@ -84,14 +90,16 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
     return DeploymentCreated(id=deployment_id, workflow_id=workflow_id, status="pending")
 
 
-@router.post("/deployments/{deployment_id}/abort", response_model=AbortResult)
+@router.post("/deployments/{deployment_id}/abort", response_model=AbortResult, responses=error_responses(404))
 async def abort_deployment(deployment_id: str, state: State) -> AbortResult:
     """Abort a deployment: devices not started never start; running ones stop at their next report."""
 
     return await abort(state, deployment_id, None)
 
 
-@router.post("/deployments/{deployment_id}/devices/{device_id}/abort", response_model=AbortResult)
+@router.post(
+    "/deployments/{deployment_id}/devices/{device_id}/abort", response_model=AbortResult, responses=error_responses(404)
+)
 async def abort_device(deployment_id: str, device_id: str, state: State) -> AbortResult:
     """Abort one device's update within a deployment."""
 
@@ -127,7 +135,7 @@ def list_deployments(state: State, limit: Annotated[int, Query(ge=1, le=500)] = 
         return [summarize(deployment, update, counts) for deployment, update, counts in rows]
 
 
-@router.get("/deployments/{deployment_id}", response_model=DeploymentDetail)
+@router.get("/deployments/{deployment_id}", response_model=DeploymentDetail, responses=error_responses(404))
 def read_deployment(
     deployment_id: str,
     state: State,
@@ -148,7 +156,11 @@ def read_deployment(
         )
 
 
-@router.get("/deployments/{deployment_id}/devices/{device_id}", response_model=DeviceResultPublic)
+@router.get(
+    "/deployments/{deployment_id}/devices/{device_id}",
+    response_model=DeviceResultPublic,
+    responses=error_responses(404),
+)
 def read_device_result(deployment_id: str, device_id: str, state: State) -> DeviceResultPublic:
     """Return one device's result: each stage's status, exit code, duration and bounded output."""
 
