@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from microupdates.protocol.recipe import NAME_PATTERN, DeviceTimeouts, Recipe, TargetSelection
+
+
+def assume_utc(value: datetime) -> datetime:
+    """Mark a naive datetime as UTC: the database stores UTC, and SQLite returns it without a zone."""
+
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+# A time in a response, always with its zone, so it is a valid RFC 3339 date-time.
+UtcDatetime = Annotated[datetime, AfterValidator(assume_utc)]
 
 
 def check_label(value: str) -> str:
@@ -56,8 +66,8 @@ class DevicePublic(BaseModel):
     id: str
     groups: list[str]
     tags: list[str]
-    created_at: datetime
-    last_seen_at: datetime | None
+    created_at: UtcDatetime
+    last_seen_at: UtcDatetime | None
     agent_version: str | None
 
 
@@ -88,7 +98,7 @@ class UpdatePublic(BaseModel):
     id: str
     version: str
     comment: str
-    created_at: datetime
+    created_at: UtcDatetime
     recipe: dict[str, Any]
 
 
@@ -122,9 +132,9 @@ class DeploymentSummary(BaseModel):
     status: str
     device_count: int
     device_status_counts: dict[str, int]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     error: str | None = None
     abort_requested: bool = False
 
@@ -136,8 +146,8 @@ class DeploymentDevicePublic(BaseModel):
     error: str | None
     rollback_error: str | None = Field(description="Which rollback step failed and why.")
     abort_requested: bool
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class DeploymentDetail(DeploymentSummary):
@@ -153,9 +163,9 @@ class StageResultPublic(BaseModel):
     exit_code: int | None
     duration_seconds: float | None
     error: str | None
-    queued_at: datetime
-    picked_up_at: datetime | None
-    reported_at: datetime | None
+    queued_at: UtcDatetime
+    picked_up_at: UtcDatetime | None
+    reported_at: UtcDatetime | None
     steps: list[dict[str, Any]]
 
 
