@@ -63,8 +63,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.include_router(router, prefix=OPERATOR_API_PREFIX, responses=OPERATOR_ERROR_RESPONSES)
     app.include_router(device_agent.router, prefix=DEVICE_API_PREFIX, responses=DEVICE_ERROR_RESPONSES)
     register_error_handlers(app)
-    metrics.install(app)
+    # Added before the metrics middleware, so it wraps the route directly and
+    # its 413 raised inside a body read reaches the HTTPException handler.
     app.add_middleware(BodySizeLimit, limit_for=lambda path: body_limit_for(settings, path))
+    metrics.install(app)
 
     @app.get("/healthz", tags=["health"])
     def read_health() -> dict[str, str]:

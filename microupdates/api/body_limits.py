@@ -12,17 +12,20 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import HTTPException, status
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Message = MutableMapping[str, Any]
+
+# Recent Starlette versions deprecate the name HTTP_413_REQUEST_ENTITY_TOO_LARGE, so the number is used.
+HTTP_CONTENT_TOO_LARGE = 413
 
 
 def body_too_large(size: int | str, limit: int, setting: str) -> HTTPException:
     """Return the 413 for a body of `size` bytes (or a description of it) over `limit`."""
 
     return HTTPException(
-        status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        HTTP_CONTENT_TOO_LARGE,
         f"The request body is {size} bytes, over the limit of {limit} bytes; "
         f"send less, or raise MICROUPDATES_{setting.upper()} on the server.",
     )

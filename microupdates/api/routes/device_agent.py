@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
+from microupdates.api.body_limits import HTTP_CONTENT_TOO_LARGE
 from microupdates.api.deps import CurrentDevice, State
 from microupdates.api.responses import error_responses
 from microupdates.db import devices as device_store
@@ -85,7 +86,7 @@ def check_output_size(field: str, output: str) -> None:
     size = len(output.encode("utf-8", "surrogatepass"))
     if size > MAX_REPORTED_OUTPUT_BYTES:
         raise HTTPException(
-            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            HTTP_CONTENT_TOO_LARGE,
             f"{field} is {size} bytes, over the limit of {MAX_REPORTED_OUTPUT_BYTES} bytes of reported output; "
             "cut the output to its first and last bytes and set output_truncated.",
         )

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 
+from microupdates.api.body_limits import HTTP_CONTENT_TOO_LARGE
 from microupdates.api.deps import State
 from microupdates.api.responses import error_responses
 from microupdates.api.schemas import ArtifactPublic, UpdateCreate, UpdatePublic
@@ -58,7 +59,7 @@ async def upload_artifact(
     try:
         sha256, size = await state.artifacts.save_stream(request.stream(), check)
     except ArtifactTooLargeError as error:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(error)) from error
+        raise HTTPException(HTTP_CONTENT_TOO_LARGE, str(error)) from error
 
     def record() -> None:
         with state.database.session() as session:
