@@ -1,9 +1,9 @@
 """Safety rules for the tar archives of directory entries, checked by the API at upload and by the agent.
 
-An archive is safe when extracting it cannot write outside its destination:
-no member has an absolute name or a `..` component, none is a device file or
-FIFO, no link points out of the extracted tree, and no member lies below a
-symbolic link from the same archive. This module runs on Python 3.9.
+An archive is safe when extracting it cannot write outside its destination.
+So no member may have an absolute name or a `..` component, be a device file
+or FIFO, link out of the extracted tree, or lie below a symbolic link from
+the same archive. This module runs on Python 3.9.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import BinaryIO, Iterator, Set, Tuple
 
 
 class UnsafeArchiveError(ValueError):
-    """Raised when an archive member could write outside the destination or is of a refused type."""
+    """Raised when an archive member could write outside the destination or is of a rejected type."""
 
 
 def _reject(member: tarfile.TarInfo, reason: str) -> None:

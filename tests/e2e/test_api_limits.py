@@ -195,7 +195,7 @@ def test_chunked_body_over_limit_is_413(small_api_url):
 
 
 def test_declared_artifact_over_limit_is_rejected_before_reading(stack):
-    """A 3 GiB Content-Length gets 413 at once: the API answers before a byte of the body is sent."""
+    """A 3 GiB Content-Length gets 413 at once: the API responds before a byte of the body is sent."""
 
     host, port = stack.api_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
@@ -210,7 +210,7 @@ def test_declared_artifact_over_limit_is_rejected_before_reading(stack):
     assert "MICROUPDATES_MAX_ARTIFACT_BYTES" in response
 
 
-def test_streamed_artifact_over_limit_is_413_and_not_stored(small_api_url):
+def test_streamed_artifact_over_limit_is_413(small_api_url):
     def chunks() -> Iterator[bytes]:
         for _ in range(SMALL_ARTIFACT_BYTES // 4096 + 2):
             yield b"a" * 4096

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
@@ -24,6 +25,8 @@ from microupdates.protocol.device_api import (
     StageReportResponse,
 )
 from microupdates.api.schemas import check_label
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["device agent"])
 
@@ -65,7 +68,7 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
 async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevice, state: State) -> ProgressResponse:
     """Keep a running stage alive; the response, at most `wait_seconds` later, carries whether the device must abort it."""
 
-    check_output_size("output_tail", body.output_tail)
+    check_output_size(device.id, job_id, "output_tail", body.output_tail)
     return await state.device_jobs.report_progress(device.id, job_id, body.wait_seconds)
 
 
@@ -74,17 +77,19 @@ async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, st
     """Record a stage's result; sending the same report again is accepted and changes nothing."""
 
     for index, step in enumerate(body.steps):
-        check_output_size(f"steps[{index}].output ({step.name})", step.output)
+        check_output_size(device.id, job_id, f"steps[{index}].output ({step.name})", step.output)
     detail = await state.device_jobs.report_result(device.id, job_id, body)
     return StageReportResponse(accepted=True, detail=detail)
 
 
-def check_output_size(field: str, output: str) -> None:
+def check_output_size(device_id: str, job_id: int, field: str, output: str) -> None:
     """Reject device output over MAX_REPORTED_OUTPUT_BYTES with 413; the agent cuts output to fit before sending."""
 
     # surrogatepass counts a lone surrogate from a JSON escape instead of failing on it.
     size = len(output.encode("utf-8", "surrogatepass"))
     if size > MAX_REPORTED_OUTPUT_BYTES:
+        logger.warning("Device %s sent %d bytes in %s of job %d, over the limit of %d bytes",
+                       device_id, size, field, job_id, MAX_REPORTED_OUTPUT_BYTES)
         raise HTTPException(
             HTTP_CONTENT_TOO_LARGE,
             f"{field} is {size} bytes, over the limit of {MAX_REPORTED_OUTPUT_BYTES} bytes of reported output; "
