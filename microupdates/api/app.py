@@ -6,7 +6,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from microupdates import __version__
 from microupdates.api.body_limits import BodySizeLimit
@@ -91,3 +94,24 @@ def register_error_handlers(app: FastAPI) -> None:
             return JSONResponse(status_code=status_code, content={"detail": str(error)})
 
         app.add_exception_handler(error_type, handle)
+
+    async def handle_http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 405:
+            # Starlette's 405 lists only the methods of the first route with this
+            # path, but GET and POST on one path are separate routes here.
+            allowed = allowed_methods(app, request)
+            return JSONResponse({"detail": error.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+        return await http_exception_handler(request, error)
+
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Return the methods that the OpenAPI schema lists for the request's path, sorted."""
+
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        pattern, _, _ = compile_path(template)
+        if pattern.match(request.url.path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)

@@ -26,10 +26,11 @@ router = APIRouter(tags=["updates"])
 
 ArtifactKind = Literal["file", "directory"]
 
-# The upload's body is read as a stream, not parsed, so its schema is declared by hand.
+# The upload's body is read as a stream, not parsed, so its schema is declared
+# by hand. It is optional because an empty body stores an empty file.
 RAW_BODY_SCHEMA = {
     "requestBody": {
-        "required": True,
+        "required": False,
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
