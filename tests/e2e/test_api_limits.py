@@ -203,7 +203,11 @@ def test_declared_artifact_over_limit_is_rejected_before_reading(stack):
             b"POST /api/v1/artifacts HTTP/1.1\r\nHost: test\r\nContent-Type: application/octet-stream\r\n"
             b"Content-Length: 3221225472\r\n\r\n"
         )
-        response = connection.recv(65536).decode()
+        # The API closes the connection after the 413, so reading to the end gets the whole response.
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        response = received.decode()
 
     assert response.startswith("HTTP/1.1 413 ")
     assert "over the limit of 2147483648 bytes" in response
