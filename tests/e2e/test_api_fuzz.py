@@ -22,7 +22,7 @@ from microupdates.cli.api_client import OperatorApiClient
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
 
 # Requests per operation and generation mode. With 22 operations the test
-# took 20-35 s on 2 shared cores; the timeout mark below bounds it.
+# took 19 s on 2 shared cores; the timeout mark below bounds it.
 EXAMPLES_PER_OPERATION = 5
 # A check-in with a valid token waits up to wait_seconds (at most 60) for a job,
 # so check-ins are fuzzed without a token: validation and the 401 path only.
