@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -21,9 +22,11 @@ import pytest
 
 from microupdates.cli.api_client import OperatorApiClient
 from microupdates.cli.stack import free_port
+from microupdates.device_agent.agent import Agent
 from microupdates.device_agent.client import DeviceApiClient, DeviceApiError, JobGoneError
+from microupdates.device_agent.config import AgentConfig
 from microupdates.device_agent.output import shrink_report
-from microupdates.protocol.device_api import MAX_REPORTED_OUTPUT_BYTES, StageReport, StepResult
+from microupdates.protocol.device_api import MAX_REPORTED_OUTPUT_BYTES, StageJob, StageReport, StepResult
 from microupdates.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 SMALL_BODY_BYTES = 16 * 1024
@@ -322,3 +325,28 @@ def test_shrink_report_to_zero_drops_output():
     assert shrunk.steps[0].output == "[... 100 bytes cut ...]\n"
     assert shrunk.steps[0].output_truncated
 
+
+
+def test_agent_resends_report_with_shorter_output_after_413(small_api_url, tmp_path, caplog):
+    operator = OperatorApiClient(small_api_url)
+    token = operator.register_device("shrink-2", groups=["shrink"])["token"]
+    operator.close()
+    (tmp_path / "state").mkdir()
+    agent = Agent(AgentConfig(server_url=small_api_url, device_token=token, state_dir=tmp_path / "state"))
+    agent.client.device_token = token
+    job = StageJob(job_id=1, deployment_id="dep-x", device_id="shrink-2", update_version="1.0.0", stage="after",
+                   progress_interval_seconds=5)
+    report = StageReport(status="failed", steps=[StepResult(name="after", output="w" * (2 * SMALL_BODY_BYTES))])
+
+    with caplog.at_level(logging.WARNING, logger="microupdates.device_agent.agent"):
+        try:
+            agent._deliver_report(job, report)
+        finally:
+            agent.client.close()
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "report too large" in messages[0]
+    assert "sending it with at most 4096 bytes of output per step" in messages[0]
+    # Job 1 does not exist on this API, so the shorter report reaches the route and gets 404.
+    assert "the server no longer takes its report" in messages[1]
