@@ -18,8 +18,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from microupdates.cli.api_client import OperatorApiClient
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
+from tests.stack_helpers import operator_headers
 
 # Requests per operation and generation mode. With 22 operations the test
 # took 19 s on 2 shared cores; the timeout mark below bounds it.
@@ -32,12 +32,6 @@ REQUEST_TIMEOUT_SECONDS = 30
 # does nothing), so a schema-valid request may still get a 422 with the rule.
 EXCLUDED_CHECKS = [positive_data_acceptance]
 
-
-def operator_headers(api: OperatorApiClient) -> dict[str, str]:
-    """Return the headers of operator requests: the Authorization header the `api` fixture's client sends, if any."""
-
-    authorization = api._http.headers.get("authorization")
-    return {"Authorization": authorization} if authorization else {}
 
 
 def device_headers(token: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ from microupdates.device_agent.config import AgentConfig
 from microupdates.device_agent.output import shrink_report
 from microupdates.protocol.device_api import MAX_REPORTED_OUTPUT_BYTES, StageJob, StageReport, StepResult
 from microupdates.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
+from tests.stack_helpers import operator_headers
 
 SMALL_BODY_BYTES = 16 * 1024
 SMALL_RECIPE_BYTES = 2048
@@ -35,16 +36,14 @@ SMALL_ARTIFACT_BYTES = 64 * 1024
 API_START_SECONDS = 60
 
 
-def operator_headers(api: OperatorApiClient) -> dict[str, str]:
-    """Return the headers of raw operator requests: the Authorization header the `api` fixture's client sends, if any."""
-
-    authorization = api._http.headers.get("authorization")
-    return {"Authorization": authorization} if authorization else {}
-
 
 @pytest.fixture(scope="module")
 def small_api_url(stack, tmp_path_factory) -> Iterator[str]:
-    """Start an API process with small limits next to the stack's, and return its URL."""
+    """Start an API process with small limits next to the stack's, and return its URL.
+
+    NOTE: requests to this API carry no operator key. Once the API requires
+    one, the tests that use this fixture need the key the stack's env sets.
+    """
 
     port = free_port()
     data_dir = tmp_path_factory.mktemp("small-limits")
