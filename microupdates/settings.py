@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from microupdates.artifact_store import DEFAULT_MAX_ARTIFACT_BYTES
 
 DEFAULT_DATA_DIR = Path("var")
 TASK_QUEUE = "microupdates"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_RECIPE_BYTES = 1024 * 1024
 
 
 class ServerSettings(BaseSettings):
@@ -43,6 +47,11 @@ class ServerSettings(BaseSettings):
     # Certificate chain and private key (PEM) for serving the API over HTTPS; both or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Size limits. A request body over its limit gets 413 before it is read
+    # whole; a recipe over max_recipe_bytes (as JSON) gets 422.
+    max_request_body_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, ge=1024)
+    max_recipe_bytes: int = Field(default=DEFAULT_MAX_RECIPE_BYTES, ge=1024)
+    max_artifact_bytes: int = Field(default=DEFAULT_MAX_ARTIFACT_BYTES, ge=1)
 
     @field_validator("log_format")
     @classmethod

@@ -23,13 +23,22 @@ DIGEST = "0123456789abcdef" * 4
 NAME_RULE = "use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 VERSION_RULE = "use 1-64 letters, digits, '.', '_', '+', '~' or '-', starting with a letter or digit"
 APT_NAME_RULE = "use 2-128 lower-case letters, digits, '+', '-' or '.', starting with a letter or digit"
-APT_VERSION_RULE = "use 1-128 letters, digits, '.', '+', '~', ':', '*' or '-'"
+APT_VERSION_RULE = (
+    "use a Debian version [epoch:]upstream[-revision] of at most 128 characters: an optional number and ':', "
+    "then a digit, then letters, digits, '.', '+', '~', '*' or '-'"
+)
 PIP_NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
-PIP_VERSION_RULE = "use 1-64 letters, digits, '.', '*', '+', '!', '_' or '-'"
+PIP_VERSION_RULE = (
+    "use a PEP 440 version of at most 64 characters such as 2.31.0, 1!2.0, 1.0rc1, 1.0.post1, 1.0.dev2 or 1.0+local, "
+    "optionally ending in .* (no operators such as >=)"
+)
 NPM_NAME_RULE = (
     "use lower-case letters, digits, '.', '_', '~' or '-', starting with a letter or digit, optionally under an @scope/"
 )
-NPM_VERSION_RULE = "use 1-64 letters, digits, '.', '+', '^', '~', '*', '<', '>', '=' or '-'"
+NPM_VERSION_RULE = (
+    "use a semver version or range of at most 128 characters such as 1.2.3, ^1.2, ~1.2.3, >=1.0.0 <2.0.0, "
+    "1.x or 1.0.0 - 2.0.0, alternatives joined by ' || ', or a dist-tag such as latest"
+)
 ONE_SOURCE_RULE = "give exactly one of 'run' (inline bash) or 'script' (a file next to the recipe)"
 
 
@@ -330,6 +339,7 @@ def test_validate_recipe_rejects_missing_source():
         ("/opt/./app", "must be a normalised path, got '/opt/./app'; write '/opt/app'"),
         ("//opt/app", "must be a normalised path, got '//opt/app'; write '/opt/app'"),
         ("/opt/app/.", "must be a normalised path, got '/opt/app/.'; write '/opt/app'"),
+        ("/" + "a" * 4095, "is 4096 bytes long, over the limit of 4095 bytes for a path"),
     ],
 )
 def test_validate_recipe_rejects_invalid_destination(destination, expected):
@@ -528,6 +538,17 @@ def test_validate_recipe_accepts_package_name(manager, name):
         ("npm", "pkg name", NPM_NAME_RULE, "npm"),
         ("npm", "-g", NPM_NAME_RULE, "npm"),
         ("npm", "$(id)", NPM_NAME_RULE, "npm"),
+        ("apt", "curl jq", APT_NAME_RULE, "apt"),
+        ("apt", "curl\tjq", APT_NAME_RULE, "apt"),
+        ("apt", "--reinstall", APT_NAME_RULE, "apt"),
+        ("pip", " requests", PIP_NAME_RULE, "pip"),
+        ("pip", "requests`id`", PIP_NAME_RULE, "pip"),
+        ("pip", "requests&&reboot", PIP_NAME_RULE, "pip"),
+        ("pip", "--index-url=http://evil", PIP_NAME_RULE, "pip"),
+        ("pip3", "requests|sh", PIP_NAME_RULE, "pip"),
+        ("npm", "a>b", NPM_NAME_RULE, "npm"),
+        ("npm", "--prefix=/", NPM_NAME_RULE, "npm"),
+        ("npm", "@scope/-pkg", NPM_NAME_RULE, "npm"),
     ],
 )
 def test_validate_recipe_rejects_invalid_package_name(manager, name, rule, label):
@@ -552,6 +573,14 @@ def test_validate_recipe_rejects_invalid_package_name(manager, name, rule, label
         ("npm", ">=1.0.0"),
         ("npm", "1.x"),
         ("npm", "latest"),
+        ("pip", "1.0.dev2"),
+        ("pip", "1.0+local.1"),
+        ("pip", "1.0-1"),
+        ("apt", "2:1.0-1+deb12u1"),
+        ("npm", ">=1.0.0 <2.0.0"),
+        ("npm", "1.0.0 - 2.0.0"),
+        ("npm", "1.0 || 2.0"),
+        ("npm", "1.2.3-beta.1"),
     ],
 )
 def test_validate_recipe_accepts_package_version(manager, version):
@@ -571,9 +600,18 @@ def test_validate_recipe_accepts_package_version(manager, version):
         ("pip", "2.0; rm -rf /", PIP_VERSION_RULE, "pip"),
         ("pip", "", PIP_VERSION_RULE, "pip"),
         ("pip3", "2.0 ", PIP_VERSION_RULE, "pip"),
-        ("npm", "1.0 || 2.0", NPM_VERSION_RULE, "npm"),
         ("npm", "$(id)", NPM_VERSION_RULE, "npm"),
         ("npm", "", NPM_VERSION_RULE, "npm"),
+        ("apt", "-1", APT_VERSION_RULE, "apt"),
+        ("apt", "a1.0", APT_VERSION_RULE, "apt"),
+        ("apt", "1" * 129, APT_VERSION_RULE, "apt"),
+        ("pip", "abc", PIP_VERSION_RULE, "pip"),
+        ("pip", "-r", PIP_VERSION_RULE, "pip"),
+        ("pip", "1." + "0" * 63, PIP_VERSION_RULE, "pip"),
+        ("npm", "1.0 ||", NPM_VERSION_RULE, "npm"),
+        ("npm", "-g", NPM_VERSION_RULE, "npm"),
+        ("npm", "1.0;reboot", NPM_VERSION_RULE, "npm"),
+        ("npm", ">= 1.0", NPM_VERSION_RULE, "npm"),
     ],
 )
 def test_validate_recipe_rejects_invalid_package_version(manager, version, rule, label):

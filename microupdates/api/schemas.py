@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from microupdates.protocol.recipe import (
     MAX_CHECK_IN_DEADLINE_SECONDS,
@@ -21,6 +21,16 @@ from microupdates.rollout import RolloutOptions
 
 DURATION_PATTERN = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
 DURATION_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def assume_utc(value: datetime) -> datetime:
+    """Mark a naive datetime as UTC: the database stores UTC, and SQLite returns it without a zone."""
+
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+# A time in a response, always with its zone, so it is a valid RFC 3339 date-time.
+UtcDatetime = Annotated[datetime, AfterValidator(assume_utc)]
 
 
 def check_label(value: str) -> str:
@@ -69,8 +79,8 @@ class DevicePublic(BaseModel):
     id: str
     groups: list[str]
     tags: list[str]
-    created_at: datetime
-    last_seen_at: datetime | None
+    created_at: UtcDatetime
+    last_seen_at: UtcDatetime | None
     agent_version: str | None
     token_revoked_at: datetime | None = Field(
         default=None, description="When the device's token was revoked; null while it has a valid token."
@@ -144,7 +154,7 @@ class UpdatePublic(BaseModel):
     id: str
     version: str
     comment: str
-    created_at: datetime
+    created_at: UtcDatetime
     recipe: dict[str, Any]
 
 
@@ -251,9 +261,9 @@ class DeploymentSummary(BaseModel):
     status: str
     device_count: int
     device_status_counts: dict[str, int]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     error: str | None = None
     abort_requested: bool = False
     source_deployment_id: str | None = None
@@ -290,8 +300,8 @@ class DeploymentDevicePublic(BaseModel):
         default_factory=dict, description="Stages that ran more than once after transient failures, with their attempts."
     )
     abort_requested: bool
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class DeploymentDetail(DeploymentSummary):
@@ -311,9 +321,9 @@ class StageResultPublic(BaseModel):
     exit_code: int | None
     duration_seconds: float | None
     error: str | None
-    queued_at: datetime
-    picked_up_at: datetime | None
-    reported_at: datetime | None
+    queued_at: UtcDatetime
+    picked_up_at: UtcDatetime | None
+    reported_at: UtcDatetime | None
     steps: list[dict[str, Any]]
 
 

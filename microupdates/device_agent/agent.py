@@ -26,6 +26,7 @@ from microupdates.device_agent.executors.files import ArtifactDownloadError
 from microupdates.device_agent.facts import collect_facts
 from microupdates.device_agent.job_verification import REJECTION_PREFIX, JobRejectedError, JobVerifier
 from microupdates.device_agent.journal import Journal
+from microupdates.device_agent.output import shrink_report
 from microupdates.device_agent.stages import StageContext, run_stage
 from microupdates.protocol.device_api import (
     REBOOT_STAGE,
@@ -49,6 +50,9 @@ REBOOT_GRACE_SECONDS = 300
 PROGRESS_RETRY_SECONDS = 2.0
 # Rollback records of this many deployments, the current one included, stay on disk.
 KEPT_CHANGE_LOGS = 5
+# Step output kept, in bytes, in each smaller report sent after the API
+# rejects a report as too large (HTTP 413); 0 sends the steps without output.
+SHRUNK_REPORT_OUTPUT_BYTES = (4096, 0)
 
 
 class AgentStopped(Exception):
@@ -274,6 +278,7 @@ class Agent:
         """Send the report until the server has it; the server ignores repeats, so retrying is safe."""
 
         failures = 0
+        smaller_sizes = list(SHRUNK_REPORT_OUTPUT_BYTES)
         while True:
             try:
                 self.client.report_stage(job_id, report)
@@ -282,6 +287,15 @@ class Agent:
                 logger.warning("Job %d: the server no longer takes its report: %s", job_id, error)
                 return
             except DeviceApiError as error:
+                if error.status_code == 413:
+                    if not smaller_sizes:
+                        logger.error("Job %d: the server rejects even the report without output: %s", job.job_id, error)
+                        break
+                    max_bytes = smaller_sizes.pop(0)
+                    logger.warning("Job %d: report too large (%s); sending it with at most %d bytes of output per step",
+                                   job.job_id, error, max_bytes)
+                    report = shrink_report(report, max_bytes)
+                    continue
                 failures += 1
                 delay = self._backoff(failures)
                 logger.warning("Job %d: report failed (%s); retrying in %.0f s", job_id, error, delay)

@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Tuple
 
-from microupdates.protocol.device_api import MAX_REPORTED_OUTPUT_BYTES
+from microupdates.protocol.device_api import MAX_REPORTED_OUTPUT_BYTES, StageReport
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +159,23 @@ class BoundedOutput:
         tail_text, tail_used = _decode_within(tail, self.tail_bytes - CUT_MARKER_RESERVE_BYTES, keep_end=True)
         cut_bytes = total - head_used - tail_used
         return head_text + format_cut_marker(cut_bytes) + tail_text, cut_bytes
+
+
+def shrink_report(report: StageReport, max_step_output_bytes: int) -> StageReport:
+    """Return a copy of the report whose step outputs keep at most their last max_step_output_bytes bytes.
+
+    Each cut output starts with a marker line and sets output_truncated, so
+    the operator sees that output is missing. The agent sends this copy when
+    the API rejects the full report as too large (HTTP 413).
+    """
+
+    steps = []
+    for step in report.steps:
+        data = step.output.encode("utf-8", "surrogatepass")
+        if len(data) <= max_step_output_bytes:
+            steps.append(step)
+            continue
+        kept = decode_output(data[len(data) - max_step_output_bytes:]) if max_step_output_bytes > 0 else ""
+        marker = format_cut_marker(len(data) - max_step_output_bytes).lstrip("\n")
+        steps.append(step.model_copy(update={"output": marker + kept, "output_truncated": True}))
+    return report.model_copy(update={"steps": steps})

@@ -32,6 +32,8 @@ DEFAULT_STAGE_MAX_ATTEMPTS = 3
 MAX_STAGE_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_INITIAL_INTERVAL_SECONDS = 5
 MAX_RETRY_INITIAL_INTERVAL_SECONDS = 3600
+# Linux's PATH_MAX, the longest path a system call accepts, NUL included.
+MAX_PATH_BYTES = 4095
 
 # The patterns end in \Z rather than $ because $ also matches before a final
 # newline, which would let "curl\n" pass as a name.
@@ -43,14 +45,39 @@ MODE_PATTERN = re.compile(r"^0?[0-7]{3,4}\Z")
 CONTROL_CHARACTER_PATTERN = re.compile(r"[\x01-\x1f\x7f]")
 
 # Package grammars, one per manager. Names and versions reach the device's
-# package manager as separate argv entries, never through a shell. No name may
-# start with '-', so none is read as a command-line option.
+# package manager as separate argv entries after `--`, never through a shell.
+# No name may start with '-', so none is read as a command-line option.
+#
+# apt: Debian Policy 5.6.1 (package names) and 5.6.12 (versions, written
+# [epoch:]upstream_version[-debian_revision] with an upstream version that
+# starts with a digit). A '*' is kept for apt's version globs such as 2.*.
 APT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,127}\Z")
-APT_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9.+~:*-]{1,128}\Z")
+APT_VERSION_PATTERN = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~*-]{0,127}\Z")
+# pip: names as in PEP 508, versions as in PEP 440 (epoch, release, pre-,
+# post- and dev-release, local label, in normalised or alternative spelling),
+# with an optional trailing .* as in `==2.*`.
 PIP_NAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?\Z")
-PIP_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9.*+!_-]{1,64}\Z")
+_PEP440_SEPARATOR = r"[-_.]?"
+PIP_VERSION_PATTERN = re.compile(
+    r"^v?(?:[0-9]+!)?[0-9]+(?:\.[0-9]+)*"
+    rf"(?:{_PEP440_SEPARATOR}(?:a|b|c|rc|alpha|beta|pre|preview){_PEP440_SEPARATOR}[0-9]*)?"
+    rf"(?:-[0-9]+|{_PEP440_SEPARATOR}(?:post|rev|r){_PEP440_SEPARATOR}[0-9]*)?"
+    rf"(?:{_PEP440_SEPARATOR}dev{_PEP440_SEPARATOR}[0-9]*)?"
+    r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?"
+    r"(?:\.\*)?\Z",
+    re.IGNORECASE,
+)
+MAX_PIP_VERSION_CHARS = 64
+# npm: names as npm's validate-npm-package-name accepts new ones (lower case,
+# at most 214 characters, an optional @scope/), versions as a semver version,
+# a node-semver range (comparators, x-ranges, hyphen ranges, `||`) or a
+# dist-tag such as `latest`.
 NPM_NAME_PATTERN = re.compile(r"^(@[a-z0-9][a-z0-9._~-]{0,100}/)?[a-z0-9][a-z0-9._~-]{0,213}\Z")
-NPM_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9.+^~*<>=-]{1,64}\Z")
+_SEMVER_PARTIAL = r"[vV]?(?:[0-9]+|[xX*])(?:\.(?:[0-9]+|[xX*])){0,2}(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?"
+_SEMVER_COMPARATOR = rf"(?:\^|~|>=|<=|>|<|=)?{_SEMVER_PARTIAL}"
+_SEMVER_SET = rf"(?:{_SEMVER_PARTIAL} - {_SEMVER_PARTIAL}|{_SEMVER_COMPARATOR}(?: {_SEMVER_COMPARATOR})*)"
+NPM_VERSION_PATTERN = re.compile(rf"^(?:{_SEMVER_SET}(?: \|\| {_SEMVER_SET})*|[A-Za-z][A-Za-z0-9._-]{{0,63}})\Z")
+MAX_NPM_VERSION_CHARS = 128
 
 STAGE_ORDER = ("before", "files", "dependencies", "after")
 
@@ -67,13 +94,16 @@ class RecipeModel(BaseModel):
 def check_absolute_path(value: str) -> str:
     """Return a device path without trailing slashes, or raise ValueError.
 
-    Rejected: relative paths, NUL bytes, `..` components, `/` itself, and
+    Rejected: relative paths, NUL bytes, paths over MAX_PATH_BYTES, `..` components, `/` itself, and
     paths that normalise to something else, such as `//opt`, `/opt/./app` or
     `/opt//app`.
     """
 
     if "\x00" in value:
         raise ValueError(f"must not contain a NUL byte, got {value!r}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"is {size} bytes long, over the limit of {MAX_PATH_BYTES} bytes for a path")
     if CONTROL_CHARACTER_PATTERN.search(value):
         raise ValueError(f"must not contain control characters such as a newline or tab, got {value!r}")
     if not value.startswith("/"):
@@ -255,6 +285,7 @@ class Package(RecipeModel):
     name_grammar: ClassVar[str] = ""
     version_pattern: ClassVar[Optional[Pattern[str]]] = None
     version_grammar: ClassVar[str] = ""
+    max_version_chars: ClassVar[int] = 128
 
     @field_validator("name")
     @classmethod
@@ -266,7 +297,9 @@ class Package(RecipeModel):
     @field_validator("version")
     @classmethod
     def check_version_grammar(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and cls.version_pattern is not None and not cls.version_pattern.match(value):
+        if value is None or cls.version_pattern is None:
+            return value
+        if len(value) > cls.max_version_chars or not cls.version_pattern.match(value):
             raise ValueError(f"{value!r} is not a valid {cls.manager} version: use {cls.version_grammar}")
         return value
 
@@ -286,7 +319,10 @@ class AptPackage(Package):
         "2-128 lower-case letters, digits, '+', '-' or '.', starting with a letter or digit"
     )
     version_pattern: ClassVar[Optional[Pattern[str]]] = APT_VERSION_PATTERN
-    version_grammar: ClassVar[str] = "1-128 letters, digits, '.', '+', '~', ':', '*' or '-'"
+    version_grammar: ClassVar[str] = (
+        "a Debian version [epoch:]upstream[-revision] of at most 128 characters: an optional number and ':', "
+        "then a digit, then letters, digits, '.', '+', '~', '*' or '-'"
+    )
 
 
 class PipPackage(Package):
@@ -298,7 +334,11 @@ class PipPackage(Package):
         "1-128 letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
     )
     version_pattern: ClassVar[Optional[Pattern[str]]] = PIP_VERSION_PATTERN
-    version_grammar: ClassVar[str] = "1-64 letters, digits, '.', '*', '+', '!', '_' or '-'"
+    version_grammar: ClassVar[str] = (
+        "a PEP 440 version of at most 64 characters such as 2.31.0, 1!2.0, 1.0rc1, 1.0.post1, 1.0.dev2 or 1.0+local, "
+        "optionally ending in .* (no operators such as >=)"
+    )
+    max_version_chars: ClassVar[int] = MAX_PIP_VERSION_CHARS
 
     @classmethod
     def canonical_name(cls, name: str) -> str:
@@ -316,7 +356,11 @@ class NpmPackage(Package):
         "optionally under an @scope/"
     )
     version_pattern: ClassVar[Optional[Pattern[str]]] = NPM_VERSION_PATTERN
-    version_grammar: ClassVar[str] = "1-64 letters, digits, '.', '+', '^', '~', '*', '<', '>', '=' or '-'"
+    version_grammar: ClassVar[str] = (
+        "a semver version or range of at most 128 characters such as 1.2.3, ^1.2, ~1.2.3, >=1.0.0 <2.0.0, "
+        "1.x or 1.0.0 - 2.0.0, alternatives joined by ' || ', or a dist-tag such as latest"
+    )
+    max_version_chars: ClassVar[int] = MAX_NPM_VERSION_CHARS
 
 
 class PackageGroup(RecipeModel):

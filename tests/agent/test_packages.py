@@ -122,7 +122,7 @@ def test_install_dependencies_pip_failure_stops_before_npm(tmp_path):
     assert steps[0].interpreter == f"{fake_python} (--version failed: exited with status 3)"
     assert steps[0].output == (
         f"interpreter: {fake_python} (--version failed: exited with status 3)\n"
-        "pip args: -m pip install --disable-pip-version-check --no-input six==1.16.0\n"
+        "pip args: -m pip install --disable-pip-version-check --no-input -- six==1.16.0\n"
     )
 
 
@@ -140,7 +140,7 @@ def test_install_dependencies_apt_arguments_and_environment(tmp_path):
     assert steps[0].error is None
     assert steps[0].output.splitlines() == [
         "install -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
-        "-o DPkg::Lock::Timeout=120 curl jq=1.6-2",
+        "-o DPkg::Lock::Timeout=120 -- curl jq=1.6-2",
         "noninteractive a",
     ]
 

@@ -206,7 +206,7 @@ def test_revert_packages_apt_removes_and_downgrades(fake_apt, root, state):
     assert fake_apt.version("jq") is None
     assert fake_apt.version("curl") == "7.74"
     options = "-y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -o DPkg::Lock::Timeout=120"
-    assert fake_apt.calls() == [f"install {options} --allow-downgrades curl=7.74", f"remove {options} jq"]
+    assert fake_apt.calls() == [f"install {options} --allow-downgrades -- curl=7.74", f"remove {options} -- jq"]
 
 
 def test_revert_packages_apt_version_unavailable(fake_apt, root, state):
@@ -305,7 +305,7 @@ def test_revert_packages_pip_restores_virtualenv(root, state):
     python = venv / "bin/python"
     network_env = minimal_environment(_network_variables(), None)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "six==1.15.0"],
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--", "six==1.15.0"],
         env=network_env,
         check=True,
         capture_output=True,
@@ -354,7 +354,7 @@ def test_revert_packages_npm_restores_directory(root, state):
     project = root / "srv/web"
     project.mkdir(parents=True)
     subprocess.run(
-        [npm_path, "install", "--no-audit", "--no-fund", "--prefix", str(project), "is-number@6.0.0"],
+        [npm_path, "install", "--no-audit", "--no-fund", "--prefix", str(project), "--", "is-number@6.0.0"],
         env=minimal_environment(_network_variables(), None),
         check=True,
         capture_output=True,

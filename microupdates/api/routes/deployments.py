@@ -14,6 +14,7 @@ from temporalio.service import RPCError
 
 from microupdates.api.deployment_starts import start_deployment_workflow
 from microupdates.api.deps import State
+from microupdates.api.responses import error_responses
 from microupdates.api.schemas import (
     AbortResult,
     DeploymentCreate,
@@ -57,7 +58,12 @@ MAX_DEVICES_PER_PAGE = 1000
 ROLLOUT_CONTROL_TIMEOUT_SECONDS = 30
 
 
-@router.post("/deployments", status_code=status.HTTP_202_ACCEPTED, response_model=DeploymentCreated)
+@router.post(
+    "/deployments",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentCreated,
+    responses=error_responses(404, 503),
+)
 async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentCreated:
     """Start a deployment and return at once; it runs as a Temporal workflow."""
 
@@ -202,14 +208,16 @@ async def control_rollout(
     return RolloutControlPublic(deployment_id=deployment_id, **vars(result))
 
 
-@router.post("/deployments/{deployment_id}/abort", response_model=AbortResult)
+@router.post("/deployments/{deployment_id}/abort", response_model=AbortResult, responses=error_responses(404))
 async def abort_deployment(deployment_id: str, state: State) -> AbortResult:
     """Abort a deployment: devices not started never start; running ones stop at their next report."""
 
     return await abort(state, deployment_id, None)
 
 
-@router.post("/deployments/{deployment_id}/devices/{device_id}/abort", response_model=AbortResult)
+@router.post(
+    "/deployments/{deployment_id}/devices/{device_id}/abort", response_model=AbortResult, responses=error_responses(404)
+)
 async def abort_device(deployment_id: str, device_id: str, state: State) -> AbortResult:
     """Abort one device's update within a deployment."""
 
@@ -245,7 +253,7 @@ def list_deployments(state: State, limit: Annotated[int, Query(ge=1, le=500)] = 
         return [summarize(deployment, update, counts) for deployment, update, counts in rows]
 
 
-@router.get("/deployments/{deployment_id}", response_model=DeploymentDetail)
+@router.get("/deployments/{deployment_id}", response_model=DeploymentDetail, responses=error_responses(404))
 def read_deployment(
     deployment_id: str,
     state: State,
@@ -311,7 +319,11 @@ def phases_public(deployment: Deployment, phase_counts: dict[int, dict[str, int]
     return phases
 
 
-@router.get("/deployments/{deployment_id}/devices/{device_id}", response_model=DeviceResultPublic)
+@router.get(
+    "/deployments/{deployment_id}/devices/{device_id}",
+    response_model=DeviceResultPublic,
+    responses=error_responses(404),
+)
 def read_device_result(deployment_id: str, device_id: str, state: State) -> DeviceResultPublic:
     """Return one device's result: each stage's status, exit code, duration and bounded output."""
 

@@ -8,7 +8,9 @@ import logging
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
+from microupdates.api.body_limits import HTTP_CONTENT_TOO_LARGE
 from microupdates.api.deps import CurrentDevice, State
+from microupdates.api.responses import error_responses
 from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
@@ -16,6 +18,7 @@ from microupdates.db import secrets as secret_store
 from microupdates.db.models import Device
 from microupdates.errors import EnrolmentKeyRejectedError
 from microupdates.protocol.device_api import (
+    MAX_REPORTED_OUTPUT_BYTES,
     CheckInRequest,
     CheckInResponse,
     DeviceIdentity,
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["device agent"])
 
 
-@router.post("/enrol", status_code=status.HTTP_201_CREATED, response_model=EnrolResponse)
+@router.post(
+    "/enrol", status_code=status.HTTP_201_CREATED, response_model=EnrolResponse, responses=error_responses(404, 409)
+)
 def enrol_device(body: EnrolRequest, state: State) -> EnrolResponse:
     """Register a device that presents a fleet enrolment key; the token is returned once."""
 
@@ -95,17 +100,20 @@ async def check_in(body: CheckInRequest, device: CurrentDevice, state: State) ->
     return response
 
 
-@router.post("/jobs/{job_id}/progress", response_model=ProgressResponse)
+@router.post("/jobs/{job_id}/progress", response_model=ProgressResponse, responses=error_responses(404, 409))
 async def report_progress(job_id: int, body: ProgressReport, device: CurrentDevice, state: State) -> ProgressResponse:
     """Keep a running stage alive; the response, at most `wait_seconds` later, carries whether the device must abort it."""
 
+    check_output_size(device.id, job_id, "output_tail", body.output_tail)
     return await state.device_jobs.report_progress(device.id, job_id, body.wait_seconds)
 
 
-@router.post("/jobs/{job_id}/report", response_model=StageReportResponse)
+@router.post("/jobs/{job_id}/report", response_model=StageReportResponse, responses=error_responses(404, 409))
 async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, state: State) -> StageReportResponse:
     """Record a stage's result; sending the same report again is accepted and changes nothing."""
 
+    for index, step in enumerate(body.steps):
+        check_output_size(device.id, job_id, f"steps[{index}].output ({step.name})", step.output)
     body = await asyncio.to_thread(mask_reported_secrets, state, device.id, job_id, body)
     detail = await state.device_jobs.report_result(device.id, job_id, body)
     return StageReportResponse(accepted=True, detail=detail)
@@ -123,7 +131,30 @@ def mask_reported_secrets(state: State, device_id: str, job_id: int, report: Sta
     return mask_report(report, values.values())
 
 
-@router.get("/artifacts/{sha256}")
+def check_output_size(device_id: str, job_id: int, field: str, output: str) -> None:
+    """Reject device output over MAX_REPORTED_OUTPUT_BYTES with 413; the agent cuts output to fit before sending."""
+
+    # surrogatepass counts a lone surrogate from a JSON escape instead of failing on it.
+    size = len(output.encode("utf-8", "surrogatepass"))
+    if size > MAX_REPORTED_OUTPUT_BYTES:
+        logger.warning("Device %s sent %d bytes in %s of job %d, over the limit of %d bytes",
+                       device_id, size, field, job_id, MAX_REPORTED_OUTPUT_BYTES)
+        raise HTTPException(
+            HTTP_CONTENT_TOO_LARGE,
+            f"{field} is {size} bytes, over the limit of {MAX_REPORTED_OUTPUT_BYTES} bytes of reported output; "
+            "cut the output to its first and last bytes and set output_truncated.",
+        )
+
+
+@router.get(
+    "/artifacts/{sha256}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The artifact's content."},
+        206: {"content": {"application/octet-stream": {}}, "description": "The requested range."},
+        **error_responses(404, 416),
+    },
+)
 def download_artifact(sha256: str, device: CurrentDevice, state: State) -> FileResponse:
     """Serve a file of the device's running files stage; HTTP Range requests let an interrupted download resume.
 

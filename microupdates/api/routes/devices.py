@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from microupdates.api.deps import State
+from microupdates.api.responses import error_responses
 from microupdates.api.schemas import (
     DeviceCreate,
     DeviceCreated,
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["devices"])
 
 
-@router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated)
+@router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated, responses=error_responses(409))
 def register_device(body: DeviceCreate, state: State) -> DeviceCreated:
     with state.database.session() as session:
         token = device_store.register_device(session, body.name, body.groups, body.tags)
@@ -45,14 +46,14 @@ def list_devices(
     return [DevicePublic(**view.__dict__) for view in views]
 
 
-@router.get("/devices/{device_id}", response_model=DevicePublic)
+@router.get("/devices/{device_id}", response_model=DevicePublic, responses=error_responses(404))
 def read_device(device_id: str, state: State) -> DevicePublic:
     with state.database.session() as session:
         view = device_store.load_device_view(session, device_id)
     return DevicePublic(**view.__dict__)
 
 
-@router.patch("/devices/{device_id}", response_model=DevicePublic)
+@router.patch("/devices/{device_id}", response_model=DevicePublic, responses=error_responses(404))
 def update_device_labels(device_id: str, body: DeviceLabelsUpdate, state: State) -> DevicePublic:
     """Replace a device's groups, tags or both. Running deployments keep the devices they froze at start."""
 
@@ -66,7 +67,7 @@ def update_device_labels(device_id: str, body: DeviceLabelsUpdate, state: State)
     return DevicePublic(**view.__dict__)
 
 
-@router.delete("/devices/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/devices/{device_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409))
 def remove_device(device_id: str, state: State) -> None:
     with state.database.session() as session:
         device_store.remove_device(session, device_id, deployment_store.active_deployment_ids(session, device_id))

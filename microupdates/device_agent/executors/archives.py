@@ -1,8 +1,10 @@
 """Tar archives of directory entries: member checks, a size scan and extraction into a staging directory.
 
 Members with absolute names, `..` components, device files, FIFOs and links
-that lead out of the extracted tree are rejected, so nothing in an archive
-can write outside its destination. Symbolic links stay symbolic links.
+that lead out of the extracted tree are rejected (the rules in
+microupdates.protocol.archives, which the API also applies at upload), so
+nothing in an archive can write outside its destination. Symbolic links stay
+symbolic links.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Dict, List
 
 from microupdates.device_agent.filesystem import COPY_CHUNK_BYTES, FileInstallError, lstat_or_none
+from microupdates.protocol.archives import UnsafeArchiveError, iter_checked_members
+from microupdates.protocol.archives import check_member as protocol_check_member
 
 
 @dataclass(frozen=True)
@@ -32,35 +36,20 @@ def _reject_member(member: tarfile.TarInfo, reason: str) -> None:
     raise FileInstallError(f"archive member {member.name!r} {reason}, so no file from the archive was installed")
 
 
-def check_member(member: tarfile.TarInfo) -> str:
-    """Validate one archive member and return its normalised relative path.
+def _installation_error(error: UnsafeArchiveError) -> FileInstallError:
+    return FileInstallError(f"{error}, so no file from the archive was installed")
 
-    Rejects absolute names, `..` components, device files and FIFOs, and
-    links whose target lies outside the extracted tree.
+
+def check_member(member: tarfile.TarInfo) -> str:
+    """Validate one archive member with the shared rules and return its normalised relative path.
+
+    Raises FileInstallError for an unsafe member.
     """
 
-    if member.name.startswith("/"):
-        _reject_member(member, "has an absolute path")
-    if ".." in member.name.split("/"):
-        _reject_member(member, "contains '..'")
-    relative = posixpath.normpath(member.name)
-
-    if member.ischr() or member.isblk() or member.isfifo():
-        _reject_member(member, "is a device file or FIFO")
-
-    if member.issym():
-        if member.linkname.startswith("/"):
-            _reject_member(member, f"is a symbolic link to the absolute path {member.linkname!r}")
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(relative), member.linkname))
-        if target == ".." or target.startswith("../"):
-            _reject_member(member, f"is a symbolic link to {member.linkname!r}, outside the destination")
-    elif member.islnk():
-        if member.linkname.startswith("/") or ".." in member.linkname.split("/"):
-            _reject_member(member, f"is a hard link to {member.linkname!r}, outside the destination")
-    elif not (member.isreg() or member.isdir()):
-        _reject_member(member, "has an unsupported type")
-
-    return relative
+    try:
+        return protocol_check_member(member)
+    except UnsafeArchiveError as error:
+        raise _installation_error(error) from error
 
 
 def scan_archive(archive_file: BinaryIO) -> List[ArchiveMember]:
@@ -71,18 +60,20 @@ def scan_archive(archive_file: BinaryIO) -> List[ArchiveMember]:
 
     members = []
     with tarfile.open(fileobj=archive_file, mode="r:*") as archive:
-        for member in archive:
-            relative = check_member(member)
-            if relative == ".":
-                continue
-            members.append(
-                ArchiveMember(
-                    relative=relative,
-                    is_directory=member.isdir(),
-                    is_regular_file=member.isreg(),
-                    size_bytes=member.size if member.isreg() else 0,
+        try:
+            for member, relative in iter_checked_members(archive):
+                if relative == ".":
+                    continue
+                members.append(
+                    ArchiveMember(
+                        relative=relative,
+                        is_directory=member.isdir(),
+                        is_regular_file=member.isreg(),
+                        size_bytes=member.size if member.isreg() else 0,
+                    )
                 )
-            )
+        except UnsafeArchiveError as error:
+            raise _installation_error(error) from error
     return members
 
 

@@ -97,7 +97,7 @@ def query_apt_versions(names: Sequence[str], query: VersionQuery) -> Dict[str, P
     if dpkg_query is None:
         return _failed_for_all(names, query.not_found("dpkg-query"))
 
-    argv = [dpkg_query, "-W", "-f=${Package}\\t${Status}\\t${Version}\\n", *names]
+    argv = [dpkg_query, "-W", "-f=${Package}\\t${Status}\\t${Version}\\n", "--", *names]
     result = query.run(argv, "dpkg-query")
     # dpkg-query exits with status 1 when some names match no package, which means not installed.
     if result.error is not None and result.exit_code != 1:
@@ -142,7 +142,7 @@ def query_pip_versions(
     versions: Dict[str, PackageVersion] = {}
     for start in range(0, len(names), PIP_SHOW_BATCH_SIZE):
         batch = list(names[start:start + PIP_SHOW_BATCH_SIZE])
-        argv = [interpreter, "-m", "pip", "show", "--disable-pip-version-check", *batch]
+        argv = [interpreter, "-m", "pip", "show", "--disable-pip-version-check", "--", *batch]
         result = query.run(argv, f"{interpreter} -m pip show")
         # pip exits with status 1 when none of the names is installed, with a warning that lists them.
         if result.error is not None and PIP_NOT_FOUND_WARNING not in result.output:

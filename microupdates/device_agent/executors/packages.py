@@ -4,7 +4,7 @@ Each manager's packages go to one install command, run through run_process,
 so they get stdin from /dev/null, their own process group and a timeout. A
 manager's timeout_seconds bounds all of its commands together, including
 checks and creating a virtualenv or directory first. Package names and
-versions are argv entries, never shell text. Known failures (a held dpkg lock,
+versions are argv entries after `--`, never shell text. Known failures (a held dpkg lock,
 unfinished packages, a package missing from apt's lists, a PEP 668
 rejection) get errors from package_checks that name the cause and the fix.
 """
@@ -148,7 +148,7 @@ def _install_apt(group: AptPackages, runner: _GroupRunner, lock_timeout_seconds:
     if dpkg_problem is not None:
         return [dpkg_problem]
 
-    argv = [apt_get, "install", *apt_install_options(lock_timeout_seconds), *_package_specs(group, "=")]
+    argv = [apt_get, "install", *apt_install_options(lock_timeout_seconds), "--", *_package_specs(group, "=")]
     result = runner.run(argv, name)
     result.error = _explain_apt_error(result, lock_timeout_seconds, runner.timeout_error)
     # A dpkg lock held by another process (an unattended upgrade, say) is usually released later.
@@ -268,7 +268,7 @@ def _install_pip(
                 return steps
 
     description = _describe_interpreter(interpreter, runner)
-    argv = [interpreter, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, *_package_specs(group, "==")]
+    argv = [interpreter, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, "--", *_package_specs(group, "==")]
     install = _with_interpreter(runner.run(argv, name), description)
 
     # pip ignores the PEP 668 marker inside a virtualenv, so only a system
@@ -328,7 +328,7 @@ def _install_npm(group: NpmPackages, runner: _GroupRunner, device_root: Optional
         location = ["--prefix", directory]
 
     specs = _package_specs(group, "@")
-    result = runner.run([npm, "install", *NPM_INSTALL_OPTIONS, *location, *specs], name)
+    result = runner.run([npm, "install", *NPM_INSTALL_OPTIONS, *location, "--", *specs], name)
     if result.error is not None and result.error != "aborted" and group.directory is not None:
         result.error = f"{result.error} in npm project directory {directory}"
     steps.append(result)

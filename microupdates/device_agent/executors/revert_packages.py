@@ -111,18 +111,18 @@ class _ActionRunner:
 
     def remove_argv(self, program: str, name: str) -> List[str]:
         if self.record.manager == "apt":
-            return [program, "remove", *apt_install_options(APT_LOCK_TIMEOUT_SECONDS), name]
+            return [program, "remove", *apt_install_options(APT_LOCK_TIMEOUT_SECONDS), "--", name]
         if self.record.manager == "npm":
-            return [program, "uninstall", *NPM_INSTALL_OPTIONS, *self._npm_location(), name]
-        return [program, "-m", "pip", "uninstall", "-y", *PIP_INSTALL_OPTIONS, name]
+            return [program, "uninstall", *NPM_INSTALL_OPTIONS, *self._npm_location(), "--", name]
+        return [program, "-m", "pip", "uninstall", "-y", *PIP_INSTALL_OPTIONS, "--", name]
 
     def install_argv(self, program: str, name: str, version: str) -> List[str]:
         if self.record.manager == "apt":
             options = apt_install_options(APT_LOCK_TIMEOUT_SECONDS)
-            return [program, "install", *options, "--allow-downgrades", f"{name}={version}"]
+            return [program, "install", *options, "--allow-downgrades", "--", f"{name}={version}"]
         if self.record.manager == "npm":
-            return [program, "install", *NPM_INSTALL_OPTIONS, *self._npm_location(), f"{name}@{version}"]
-        return [program, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, f"{name}=={version}"]
+            return [program, "install", *NPM_INSTALL_OPTIONS, *self._npm_location(), "--", f"{name}@{version}"]
+        return [program, "-m", "pip", "install", *PIP_INSTALL_OPTIONS, "--", f"{name}=={version}"]
 
     def _npm_location(self) -> List[str]:
         if self.record.npm_directory is None:
