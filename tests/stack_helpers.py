@@ -41,10 +41,3 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: flo
             return detail
         time.sleep(0.3)
     raise AssertionError(f"deployment {deployment_id} did not finish within {timeout} s: {detail}")
-
-
-def operator_headers(api: OperatorApiClient) -> dict[str, str]:
-    """Return the headers for raw operator requests: the Authorization header of the `api` fixture's client, if any."""
-
-    authorization = api._http.headers.get("authorization")
-    return {"Authorization": authorization} if authorization else {}

@@ -32,6 +32,7 @@ ERROR_DESCRIPTIONS = {
     416: "The requested range starts past the end of the artifact.",
     422: "The request is invalid or cannot be carried out.",
     503: "Temporal did not accept the request.",
+    504: "The deployment's workflow did not answer in time.",
 }
 
 

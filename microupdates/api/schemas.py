@@ -82,7 +82,7 @@ class DevicePublic(BaseModel):
     created_at: UtcDatetime
     last_seen_at: UtcDatetime | None
     agent_version: str | None
-    token_revoked_at: datetime | None = Field(
+    token_revoked_at: UtcDatetime | None = Field(
         default=None, description="When the device's token was revoked; null while it has a valid token."
     )
     facts: dict[str, Any] | None = Field(
@@ -90,7 +90,7 @@ class DevicePublic(BaseModel):
         description="What the agent reported at its latest check-in: package_managers, python_version, "
         "architecture, os_id, free_disk_bytes. Null until the agent sends facts.",
     )
-    facts_reported_at: datetime | None = None
+    facts_reported_at: UtcDatetime | None = None
 
 
 class EnrolmentKeyCreate(BaseModel):
@@ -118,9 +118,9 @@ class EnrolmentKeyPublic(BaseModel):
     tags: list[str]
     max_uses: int | None
     use_count: int
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    created_at: datetime
+    expires_at: UtcDatetime | None
+    revoked_at: UtcDatetime | None
+    created_at: UtcDatetime
 
 
 class EnrolmentKeyCreated(EnrolmentKeyPublic):
@@ -137,8 +137,8 @@ class SecretSet(BaseModel):
 
 class SecretPublic(BaseModel):
     name: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
 
 
 class ArtifactPublic(BaseModel):
@@ -270,7 +270,7 @@ class DeploymentSummary(BaseModel):
     paused: bool = False
     current_phase: int | None = Field(default=None, description="The 1-based phase being rolled out.")
 
-    check_in_deadline_at: datetime | None = Field(
+    check_in_deadline_at: UtcDatetime | None = Field(
         default=None, description="Devices that have not checked in by then end timed_out."
     )
 
@@ -346,17 +346,9 @@ class ApiKeyPublic(BaseModel):
     id: str
     name: str
     role: Role
-    created_at: datetime
-    last_used_at: datetime | None = Field(description="Written at most once a minute, so up to a minute old.")
-    revoked_at: datetime | None
-
-    @field_validator("created_at", "last_used_at", "revoked_at")
-    @classmethod
-    def mark_utc(cls, value: datetime | None) -> datetime | None:
-        # SQLite returns the stored UTC times without their offset.
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None = Field(description="Written at most once a minute, so up to a minute old.")
+    revoked_at: UtcDatetime | None
 
 
 class ApiKeyCreated(ApiKeyPublic):

@@ -289,11 +289,11 @@ class Agent:
             except DeviceApiError as error:
                 if error.status_code == 413:
                     if not smaller_sizes:
-                        logger.error("Job %d: the server rejects even the report without output: %s", job.job_id, error)
-                        break
+                        logger.error("Job %d: the server rejects even the report without output: %s", job_id, error)
+                        return
                     max_bytes = smaller_sizes.pop(0)
                     logger.warning("Job %d: report too large (%s); sending it with at most %d bytes of output per step",
-                                   job.job_id, error, max_bytes)
+                                   job_id, error, max_bytes)
                     report = shrink_report(report, max_bytes)
                     continue
                 failures += 1

@@ -69,7 +69,7 @@ def fuzz_operation(operation, headers: dict[str, str], mode: GenerationMode, bas
 @pytest.mark.timeout(90)
 def test_fuzz_openapi_schema_finds_no_errors(stack, api, unique_name):
     token = api.register_device(f"fuzz-{unique_name}", groups=[f"fuzz-{unique_name}"])["token"]
-    operator = operator_headers(api)
+    operator = operator_headers(stack)
     device = device_headers(token)
     schema = schemathesis.openapi.from_url(f"{stack.api_url}/openapi.json", headers=operator)
 
@@ -102,7 +102,7 @@ def test_fuzz_openapi_schema_finds_no_errors(stack, api, unique_name):
     ],
 )
 def test_method_not_allowed_lists_every_method(stack, api, method, path, allowed):
-    response = httpx.request(method, f"{stack.api_url}{path}", headers=operator_headers(api))
+    response = httpx.request(method, f"{stack.api_url}{path}", headers=operator_headers(stack))
 
     assert response.status_code == 405
     assert response.headers["allow"] == allowed

@@ -7,6 +7,8 @@ that need no worker are sent to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import io
 import json
 import logging
@@ -37,13 +39,18 @@ API_START_SECONDS = 60
 
 
 
-@pytest.fixture(scope="module")
-def small_api_url(stack, tmp_path_factory) -> Iterator[str]:
-    """Start an API process with small limits next to the stack's, and return its URL.
+@dataclass
+class SmallLimitsApi:
+    url: str
+    admin_key: str
 
-    NOTE: requests to this API carry no operator key. Once the API requires
-    one, the tests that use this fixture need the key the stack's env sets.
-    """
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+
+@pytest.fixture(scope="module")
+def small_api(stack, tmp_path_factory) -> Iterator[SmallLimitsApi]:
+    """Start an API process with small limits and a database of its own next to the stack's, with an admin key."""
 
     port = free_port()
     data_dir = tmp_path_factory.mktemp("small-limits")
@@ -56,6 +63,10 @@ def small_api_url(stack, tmp_path_factory) -> Iterator[str]:
         MICROUPDATES_MAX_RECIPE_BYTES=str(SMALL_RECIPE_BYTES),
         MICROUPDATES_MAX_ARTIFACT_BYTES=str(SMALL_ARTIFACT_BYTES),
     )
+    admin_key = subprocess.run(
+        [sys.executable, "-m", "microupdates.api.main", "api-keys", "create", "--role", "admin", "--name", "limits"],
+        env=env, capture_output=True, text=True, check=True, timeout=API_START_SECONDS,
+    ).stdout.strip()
     log = open(data_dir / "api.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "microupdates.api.main"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -70,7 +81,7 @@ def small_api_url(stack, tmp_path_factory) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the small-limits API did not start: {(data_dir / 'api.log').read_text()}")
             time.sleep(0.2)
-        yield url
+        yield SmallLimitsApi(url, admin_key)
     finally:
         process.terminate()
         try:
@@ -127,7 +138,7 @@ def test_upload_directory_archive_rejects_unsafe_member(stack, api, label, entry
 
     response = httpx.post(
         f"{stack.api_url}/api/v1/artifacts", params={"kind": "directory"}, content=content,
-        headers=operator_headers(api),
+        headers=operator_headers(stack),
     )
 
     assert response.status_code == 422
@@ -139,7 +150,7 @@ def test_upload_directory_archive_rejects_unsafe_member(stack, api, label, entry
 def test_upload_directory_artifact_rejects_non_archive(stack, api):
     response = httpx.post(
         f"{stack.api_url}/api/v1/artifacts", params={"kind": "directory"}, content=b"not a tar file",
-        headers=operator_headers(api),
+        headers=operator_headers(stack),
     )
 
     assert response.status_code == 422
@@ -154,7 +165,7 @@ def test_create_update_rejects_unsafe_directory_artifact(stack, api):
         "files": [{"source": "app", "destination": "/opt/app", "kind": "directory", "artifact": sha256}],
     }
 
-    response = httpx.post(f"{stack.api_url}/api/v1/updates", json={"recipe": recipe}, headers=operator_headers(api))
+    response = httpx.post(f"{stack.api_url}/api/v1/updates", json={"recipe": recipe}, headers=operator_headers(stack))
 
     assert response.status_code == 422
     assert response.json()["detail"] == (
@@ -168,7 +179,7 @@ def test_request_body_over_default_limit_is_413(stack, api):
 
     response = httpx.post(
         f"{stack.api_url}/api/v1/devices", content=body,
-        headers={**operator_headers(api), "content-type": "application/json"},
+        headers={**operator_headers(stack), "content-type": "application/json"},
     )
 
     assert response.status_code == 413
@@ -178,7 +189,7 @@ def test_request_body_over_default_limit_is_413(stack, api):
     )
 
 
-def test_chunked_body_over_limit_is_413(small_api_url):
+def test_chunked_body_over_limit_is_413(small_api):
     def chunks() -> Iterator[bytes]:
         yield b'{"name": "'
         for _ in range(SMALL_BODY_BYTES // 1024 + 1):
@@ -186,7 +197,8 @@ def test_chunked_body_over_limit_is_413(small_api_url):
         yield b'"}'
 
     response = httpx.post(
-        f"{small_api_url}/api/v1/devices", content=chunks(), headers={"content-type": "application/json"}
+        f"{small_api.url}/api/v1/devices", content=chunks(),
+        headers={**small_api.headers(), "content-type": "application/json"},
     )
 
     assert response.status_code == 413
@@ -216,29 +228,31 @@ def test_declared_artifact_over_limit_is_rejected_before_reading(stack):
     assert "MICROUPDATES_MAX_ARTIFACT_BYTES" in response
 
 
-def test_streamed_artifact_over_limit_is_413(small_api_url):
+def test_streamed_artifact_over_limit_is_413(small_api):
     def chunks() -> Iterator[bytes]:
         for _ in range(SMALL_ARTIFACT_BYTES // 4096 + 2):
             yield b"a" * 4096
 
-    response = httpx.post(f"{small_api_url}/api/v1/artifacts", content=chunks())
+    response = httpx.post(f"{small_api.url}/api/v1/artifacts", content=chunks(), headers=small_api.headers())
 
     assert response.status_code == 413
     assert f"more than {SMALL_ARTIFACT_BYTES} bytes" in response.json()["detail"]
     assert "MICROUPDATES_MAX_ARTIFACT_BYTES" in response.json()["detail"]
 
 
-def test_artifact_at_limit_is_stored(small_api_url):
-    response = httpx.post(f"{small_api_url}/api/v1/artifacts", content=b"b" * SMALL_ARTIFACT_BYTES)
+def test_artifact_at_limit_is_stored(small_api):
+    response = httpx.post(
+        f"{small_api.url}/api/v1/artifacts", content=b"b" * SMALL_ARTIFACT_BYTES, headers=small_api.headers()
+    )
 
     assert response.status_code == 201
     assert response.json()["size_bytes"] == SMALL_ARTIFACT_BYTES
 
 
-def test_recipe_over_limit_is_422(small_api_url):
+def test_recipe_over_limit_is_422(small_api):
     recipe = {"version": "1.0.0", "before": {"run": "echo " + "y" * SMALL_RECIPE_BYTES}}
 
-    response = httpx.post(f"{small_api_url}/api/v1/updates", json={"recipe": recipe})
+    response = httpx.post(f"{small_api.url}/api/v1/updates", json={"recipe": recipe}, headers=small_api.headers())
 
     size = len(json.dumps(
         {"version": "1.0.0", "comment": "", "targets": {"devices": [], "groups": [], "tags": []},
@@ -284,14 +298,14 @@ def test_progress_with_output_over_limit_is_413(stack, device_token):
     assert response.json()["detail"].startswith(f"output_tail is {MAX_REPORTED_OUTPUT_BYTES + 1} bytes")
 
 
-def test_shrunk_report_passes_the_limit_that_rejected_it(small_api_url):
+def test_shrunk_report_passes_the_limit_that_rejected_it(small_api):
     """A report the small-limits API rejects with 413 gets through once shrink_report cut its output."""
 
-    operator = OperatorApiClient(small_api_url)
+    operator = OperatorApiClient(small_api.url, small_api.admin_key)
     token = operator.register_device("shrink-1", groups=["shrink"])["token"]
     operator.close()
     report = StageReport(status="failed", steps=[StepResult(name="after", output="w" * (2 * SMALL_BODY_BYTES))])
-    client = DeviceApiClient(small_api_url, token)
+    client = DeviceApiClient(small_api.url, token)
     try:
         with pytest.raises(DeviceApiError) as rejected:
             client.report_stage(1, report)
@@ -326,12 +340,12 @@ def test_shrink_report_to_zero_drops_output():
 
 
 
-def test_agent_resends_report_with_shorter_output_after_413(small_api_url, tmp_path, caplog):
-    operator = OperatorApiClient(small_api_url)
+def test_agent_resends_report_with_shorter_output_after_413(small_api, tmp_path, caplog):
+    operator = OperatorApiClient(small_api.url, small_api.admin_key)
     token = operator.register_device("shrink-2", groups=["shrink"])["token"]
     operator.close()
     (tmp_path / "state").mkdir()
-    agent = Agent(AgentConfig(server_url=small_api_url, device_token=token, state_dir=tmp_path / "state"))
+    agent = Agent(AgentConfig(server_url=small_api.url, device_token=token, state_dir=tmp_path / "state"))
     agent.client.device_token = token
     job = StageJob(job_id=1, deployment_id="dep-x", device_id="shrink-2", update_version="1.0.0", stage="after",
                    progress_interval_seconds=5)

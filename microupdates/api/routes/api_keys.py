@@ -8,6 +8,7 @@ from fastapi import APIRouter, status
 
 from microupdates.api.auth import CurrentOperator
 from microupdates.api.deps import State
+from microupdates.api.responses import error_responses
 from microupdates.api.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic
 from microupdates.db import api_keys as api_key_store
 from microupdates.db.models import ApiKey
@@ -36,7 +37,7 @@ def list_api_keys(state: State) -> list[ApiKeyPublic]:
         return [to_public(row) for row in api_key_store.list_api_keys(session)]
 
 
-@router.post("/api-keys/{key_id}/revoke", response_model=ApiKeyPublic)
+@router.post("/api-keys/{key_id}/revoke", response_model=ApiKeyPublic, responses=error_responses(404, 409))
 def revoke_api_key(key_id: str, state: State, operator: CurrentOperator) -> ApiKeyPublic:
     """Revoke an API key at once; revoking a revoked key changes nothing. The last active admin key cannot be revoked here."""
 

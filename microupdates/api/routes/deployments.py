@@ -74,7 +74,10 @@ async def create_deployment(body: DeploymentCreate, state: State) -> DeploymentC
 
 
 @router.post(
-    "/deployments/{deployment_id}/redeploy", status_code=status.HTTP_202_ACCEPTED, response_model=DeploymentCreated
+    "/deployments/{deployment_id}/redeploy",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentCreated,
+    responses=error_responses(404, 503),
 )
 async def redeploy_deployment(deployment_id: str, body: DeploymentRedeploy, state: State) -> DeploymentCreated:
     """Deploy this deployment's update, unchanged, to other targets; the new deployment records where it came from."""
@@ -136,7 +139,9 @@ async def start_deployment(
     return DeploymentCreated(id=deployment_id, workflow_id=workflow_id, status="pending")
 
 
-@router.post("/deployments/{deployment_id}/pause", response_model=RolloutControlPublic)
+@router.post(
+    "/deployments/{deployment_id}/pause", response_model=RolloutControlPublic, responses=error_responses(404, 409, 504)
+)
 async def pause_deployment(
     deployment_id: str, state: State, body: RolloutControl | None = None
 ) -> RolloutControlPublic:
@@ -145,7 +150,9 @@ async def pause_deployment(
     return await control_rollout(state, deployment_id, PAUSE_UPDATE, body)
 
 
-@router.post("/deployments/{deployment_id}/resume", response_model=RolloutControlPublic)
+@router.post(
+    "/deployments/{deployment_id}/resume", response_model=RolloutControlPublic, responses=error_responses(404, 409, 504)
+)
 async def resume_deployment(
     deployment_id: str, state: State, body: RolloutControl | None = None
 ) -> RolloutControlPublic:
@@ -154,7 +161,9 @@ async def resume_deployment(
     return await control_rollout(state, deployment_id, RESUME_UPDATE, body)
 
 
-@router.post("/deployments/{deployment_id}/promote", response_model=RolloutControlPublic)
+@router.post(
+    "/deployments/{deployment_id}/promote", response_model=RolloutControlPublic, responses=error_responses(404, 409, 504)
+)
 async def promote_deployment(
     deployment_id: str, state: State, body: RolloutControl | None = None
 ) -> RolloutControlPublic:
@@ -277,7 +286,9 @@ def read_deployment(
         )
 
 
-@router.get("/deployments/{deployment_id}/devices", response_model=list[DeploymentDevicePublic])
+@router.get(
+    "/deployments/{deployment_id}/devices", response_model=list[DeploymentDevicePublic], responses=error_responses(404)
+)
 def list_deployment_devices(
     deployment_id: str,
     state: State,

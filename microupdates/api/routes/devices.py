@@ -73,7 +73,12 @@ def remove_device(device_id: str, state: State) -> None:
         device_store.remove_device(session, device_id, deployment_store.active_deployment_ids(session, device_id))
 
 
-@router.post("/devices/{device_id}/token", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated)
+@router.post(
+    "/devices/{device_id}/token",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DeviceCreated,
+    responses=error_responses(404),
+)
 def issue_device_token(device_id: str, state: State) -> DeviceCreated:
     """Give the device a new token, shown once; its previous token, revoked or not, stops working at once."""
 
@@ -83,7 +88,7 @@ def issue_device_token(device_id: str, state: State) -> DeviceCreated:
     return DeviceCreated(id=device_id, token=token)
 
 
-@router.post("/devices/{device_id}/token/revoke", response_model=DevicePublic)
+@router.post("/devices/{device_id}/token/revoke", response_model=DevicePublic, responses=error_responses(404))
 def revoke_device_token(device_id: str, state: State) -> DevicePublic:
     """Revoke the device's token: its requests get 401 until an operator issues a new token."""
 
@@ -114,7 +119,7 @@ def list_enrolment_keys(state: State) -> list[EnrolmentKeyPublic]:
     return [EnrolmentKeyPublic(**view.__dict__) for view in views]
 
 
-@router.post("/enrolment-keys/{key_id}/revoke", response_model=EnrolmentKeyPublic)
+@router.post("/enrolment-keys/{key_id}/revoke", response_model=EnrolmentKeyPublic, responses=error_responses(404))
 def revoke_enrolment_key(key_id: int, state: State) -> EnrolmentKeyPublic:
     """Stop the key from enrolling more devices; devices it enrolled keep their tokens."""
 

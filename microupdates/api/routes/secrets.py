@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, status
 
 from microupdates.api.deps import State
+from microupdates.api.responses import error_responses
 from microupdates.api.schemas import MAX_SECRET_VALUE_BYTES, SecretPublic, SecretSet
 from microupdates.db import secrets as secret_store
 from microupdates.errors import InvalidRequestError
@@ -37,7 +38,7 @@ def list_secrets(state: State) -> list[SecretPublic]:
     return [SecretPublic(**view.__dict__) for view in views]
 
 
-@router.delete("/secrets/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/secrets/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
 def delete_secret(name: str, state: State) -> None:
     """Delete a secret; a job that still references it fails on the device, naming the secret."""
 
