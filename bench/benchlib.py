@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from microupdates.cli.api_client import OperatorApiClient
+from microupdates.cli.api_client import OperatorApiClient, OperatorApiConnectionError
 from microupdates.cli.stack import Stack, StackPorts
 from microupdates.db import devices as device_store
 from microupdates.db.session import Database
@@ -150,7 +150,12 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: flo
     """Poll a deployment until its status is final and return its detail (with one device)."""
 
     def finished() -> dict[str, Any] | None:
-        detail = api.read_deployment(deployment_id, limit=1)
+        try:
+            detail = api.read_deployment(deployment_id, limit=1)
+        except OperatorApiConnectionError as error:
+            # An overloaded API answers late; the rollout's own timeout still bounds the wait.
+            print(f"Reading deployment {deployment_id} failed ({error}); trying again", file=sys.stderr)
+            return None
         return detail if detail["status"] in FINAL_DEPLOYMENT_STATUSES else None
 
     return wait_for(finished, timeout, f"deployment {deployment_id} to finish", interval)

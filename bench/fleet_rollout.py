@@ -63,7 +63,7 @@ SPARE_FILES = 1000
 BARE_SCRIPT = Path(__file__).with_name("bare_workflow.py")
 
 
-def write_update(directory: Path) -> Path:
+def write_update(directory: Path, heartbeat_timeout_seconds: int) -> Path:
     """Write the benchmark's recipe: before command, one file, one pip3 package, after command."""
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,7 @@ def write_update(directory: Path) -> Path:
         "dependencies": {"pip3": {"virtualenv": "/opt/bench-app/venv",
                                   "packages": [{"name": "benchpkg", "version": "1.0.0"}]}},
         "after": {"run": "systemctl start bench-app", "timeout_seconds": 60},
+        "timeouts": {"heartbeat_timeout_seconds": heartbeat_timeout_seconds},
     }
     path = directory / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -124,7 +125,7 @@ def measure_rollout(size: int, arguments: argparse.Namespace, work_dir: Path) ->
     simulators = None
     try:
         with OperatorApiClient(stack.api_url, stack.admin_api_key) as api:
-            update_id = api.create_update_from_file(write_update(work_dir / "update"))["id"]
+            update_id = api.create_update_from_file(write_update(work_dir / "update", arguments.heartbeat_timeout))["id"]
 
             started = time.monotonic()
             credentials = register_devices(stack, [f"bench-{index:06d}" for index in range(size)], GROUP)
@@ -239,6 +240,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float,
                         help=f"seconds allowed for one rollout (default {ROLLOUT_TIMEOUT_SECONDS:.0f} + "
                              f"{ROLLOUT_SECONDS_PER_DEVICE} per device)")
+    parser.add_argument("--heartbeat-timeout", type=int, default=60,
+                        help="the recipe's heartbeat_timeout_seconds: how long a stage may go without a report "
+                        "from its device; raise it when one API process answers slowly at large sizes")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-workflow comparison")
     parser.add_argument("--work-dir", type=Path,
                         help="keep databases, logs and simulator results here (default: a temporary directory)")
