@@ -16,13 +16,13 @@ import schemathesis
 from hypothesis import HealthCheck, given
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
 from tests.stack_helpers import operator_headers
 
-# Requests per operation and generation mode. With 22 operations the test
-# took 19 s on 2 shared cores; the timeout mark below bounds it.
+# Requests per operation and generation mode. With 39 operations the test
+# took 13 s on 2 cores; the timeout mark below bounds it.
 EXAMPLES_PER_OPERATION = 5
 # A check-in with a valid token waits up to wait_seconds (at most 60) for a job,
 # so check-ins are fuzzed without a token: validation and the 401 path only.
@@ -30,7 +30,10 @@ UNAUTHENTICATED_OPERATIONS = {f"POST {DEVICE_API_PREFIX}/check-in"}
 REQUEST_TIMEOUT_SECONDS = 30
 # The schema cannot state every rule (name grammars, duplicates, a recipe that
 # does nothing), so a schema-valid request may still get a 422 with the rule.
-EXCLUDED_CHECKS = [positive_data_acceptance]
+# Invalid requests are checked for 5xx and for responses that contradict the
+# schema, but not for being rejected: the API ignores unknown query parameters,
+# and the test adds the Authorization header back to a case that dropped it.
+EXCLUDED_CHECKS = [positive_data_acceptance, negative_data_rejection]
 
 
 
