@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,8 +9,8 @@ import psycopg
 import pytest
 
 from microupdates.cli.stack import Stack, StackPorts, free_port
+from tests.postgres_helpers import connect_admin, new_database
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # The APIs look for deployments left without a workflow this often, so a test waits seconds, not a minute.
 LOST_START_CHECK_SECONDS = 2
 
@@ -33,17 +32,12 @@ class Cluster:
 def postgres_database() -> Iterator[str]:
     """A database of its own for this module, dropped afterwards; skips when PostgreSQL is not running."""
 
-    name = f"mu_test_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+        admin = connect_admin()
     except psycopg.OperationalError as error:
         pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {error}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with admin, new_database(admin, "mu_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

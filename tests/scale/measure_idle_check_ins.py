@@ -17,17 +17,15 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 
 from microupdates.cli.api_client import OperatorApiClient
 from microupdates.cli.stack import Stack, StackPorts
 from microupdates.protocol.device_api import DEVICE_API_PREFIX
+from tests.postgres_helpers import connect_admin, new_database
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEVICES = 200
 
 
@@ -61,26 +59,20 @@ def process_cpu_seconds(pid: int) -> float:
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 15.0
     concurrency = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    name = f"mu_measure_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            with tempfile.TemporaryDirectory() as directory:
-                stack = Stack(data_dir=Path(directory), ports=StackPorts.free(),
-                              database_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-                stack.start()
-                try:
-                    with OperatorApiClient(stack.api_url, stack.admin_api_key) as operator:
-                        tokens = [operator.register_device(f"idle-{index}", groups=["idle"])["token"]
-                                  for index in range(DEVICES)]
-                    api_pid = stack.processes["api"].pid
-                    cpu_before = process_cpu_seconds(api_pid)
-                    sent = asyncio.run(send_check_ins(stack.api_url, tokens, seconds, concurrency))
-                    cpu_used = process_cpu_seconds(api_pid) - cpu_before
-                finally:
-                    stack.stop()
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with connect_admin() as admin, new_database(admin, "mu_measure") as database_url:
+        with tempfile.TemporaryDirectory() as directory:
+            stack = Stack(data_dir=Path(directory), ports=StackPorts.free(), database_url=database_url)
+            stack.start()
+            try:
+                with OperatorApiClient(stack.api_url, stack.admin_api_key) as operator:
+                    tokens = [operator.register_device(f"idle-{index}", groups=["idle"])["token"]
+                              for index in range(DEVICES)]
+                api_pid = stack.processes["api"].pid
+                cpu_before = process_cpu_seconds(api_pid)
+                sent = asyncio.run(send_check_ins(stack.api_url, tokens, seconds, concurrency))
+                cpu_used = process_cpu_seconds(api_pid) - cpu_before
+            finally:
+                stack.stop()
     print(f"{sent} idle check-ins in {seconds:.0f} s from {concurrency} tasks: {sent / seconds:.0f} per second")
     print(f"API process CPU: {cpu_used:.1f} s, {1000 * cpu_used / sent:.2f} ms per check-in")
 

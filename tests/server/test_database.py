@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import threading
-import uuid
 
 import psycopg
 import pytest
 from sqlalchemy import inspect
 
 from microupdates.db.session import Database
-
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+from tests.postgres_helpers import connect_admin, new_database
 
 
 @pytest.fixture
 def empty_postgres_database():
-    name = f"microupdates_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+        admin = connect_admin()
     except psycopg.OperationalError as error:
         pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {error}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with admin, new_database(admin, "microupdates") as url:
+        yield url
 
 
 def test_create_schema_concurrently_on_empty_postgres(empty_postgres_database):
