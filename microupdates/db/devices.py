@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import Device, DeviceGroup, DeviceTag, EnrolmentKey, utc_now
+from microupdates.db.models import Device, DeviceGroup, DeviceTag, EnrolmentKey, is_stored_id, utc_now
 from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, NotFoundError
 
 LAST_SEEN_WRITE_INTERVAL = timedelta(seconds=60)
@@ -241,8 +241,7 @@ def list_enrolment_keys(session: Session) -> list[EnrolmentKeyView]:
 def revoke_enrolment_key(session: Session, key_id: int) -> EnrolmentKeyView:
     """Stop a key from enrolling more devices; devices it enrolled keep their tokens."""
 
-    # Ids past the database's 64-bit integers exist nowhere; asking for them would overflow the driver.
-    row = session.get(EnrolmentKey, key_id) if 0 < key_id < 2**63 else None
+    row = session.get(EnrolmentKey, key_id) if is_stored_id(key_id) else None
     if row is None:
         raise NotFoundError(f"Enrolment key {key_id} not found.")
     if row.revoked_at is None:

@@ -9,11 +9,18 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from microupdates.db.models import AbortRequest, Deployment, DeviceJobSequence, StageJob, Update, utc_now
+from microupdates.db.models import (
+    AbortRequest,
+    Deployment,
+    DeviceJobSequence,
+    StageJob,
+    Update,
+    is_stored_id,
+    utc_now,
+)
 from microupdates.errors import NotFoundError
 
 CHECK_IN_STAGE = "check_in"
-MAX_JOB_ID = 2**63 - 1
 
 
 def queue_stage_job(
@@ -156,8 +163,7 @@ def expire_stage_jobs(session: Session, deployment_id: str, device_id: str, stag
 def load_device_job(session: Session, job_id: int, device_id: str) -> StageJob:
     """Load a job of this device; another device's job is reported as not found."""
 
-    # Ids past the database's 64-bit integers exist nowhere; asking for them would overflow the driver.
-    job = session.get(StageJob, job_id) if 0 < job_id <= MAX_JOB_ID else None
+    job = session.get(StageJob, job_id) if is_stored_id(job_id) else None
     if job is None or job.device_id != device_id:
         raise NotFoundError(f"Job {job_id} not found.")
     return job

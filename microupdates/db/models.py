@@ -18,6 +18,15 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def is_stored_id(value: int) -> bool:
+    """Return whether an integer id fits the database's positive 64-bit keys.
+
+    Larger ids exist nowhere, and looking them up would overflow the driver.
+    """
+
+    return 0 < value < 2**63
+
+
 class Base(DeclarativeBase):
     pass
 
