@@ -153,7 +153,7 @@ def wait_for_deployment(api: OperatorApiClient, deployment_id: str, timeout: flo
         try:
             detail = api.read_deployment(deployment_id, limit=1)
         except OperatorApiConnectionError as error:
-            # An overloaded API answers late; the rollout's own timeout still bounds the wait.
+            # An overloaded API responds late, and the rollout's own timeout still bounds the wait.
             print(f"Reading deployment {deployment_id} failed ({error}); trying again", file=sys.stderr)
             return None
         return detail if detail["status"] in FINAL_DEPLOYMENT_STATUSES else None

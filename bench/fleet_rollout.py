@@ -242,7 +242,7 @@ def main() -> int:
                              f"{ROLLOUT_SECONDS_PER_DEVICE} per device)")
     parser.add_argument("--heartbeat-timeout", type=int, default=60,
                         help="the recipe's heartbeat_timeout_seconds: how long a stage may go without a report "
-                        "from its device; raise it when one API process answers slowly at large sizes")
+                        "from its device; raise it when one API process responds slowly at large sizes")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-workflow comparison")
     parser.add_argument("--work-dir", type=Path,
                         help="keep databases, logs and simulator results here (default: a temporary directory)")

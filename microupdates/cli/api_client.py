@@ -166,7 +166,7 @@ class OperatorApiClient:
         retries: dict[str, int] | None = None,
         check_in_deadline: str | None = None,
     ) -> dict:
-        """Start a deployment; `rollout` holds the options of RolloutOptions (limits, threshold, phases)."""
+        """Start a deployment; `rollout` contains the options of RolloutOptions (limits, threshold, phases)."""
 
         body: dict[str, Any] = {"update_id": update_id, **(rollout or {})}
         if devices or groups or tags:

@@ -120,7 +120,7 @@ async def start_deployment(
         )
     except RPCError as error:
         # NOTE: a start that reached Temporal but whose response was lost still runs,
-        # although the row says failed_to_start.
+        # although the row's status is failed_to_start.
         reason = str(error).rstrip(".")
         message = f"Temporal did not accept deployment {deployment_id}: {reason}. Check that the Temporal server runs."
         logger.error(message)
@@ -175,7 +175,7 @@ async def promote_deployment(
 async def control_rollout(
     state: State, deployment_id: str, update_name: str, body: RolloutControl | None
 ) -> RolloutControlPublic:
-    """Send a workflow update and return the workflow's answer; a rejected request is a 409 with the reason."""
+    """Send a workflow update and return the workflow's result. A rejected request is a 409 with the reason."""
 
     def read_status() -> str:
         with state.database.session() as session:
