@@ -60,6 +60,8 @@ ROLLOUT_SECONDS_PER_DEVICE = 0.5
 # Open files the API needs per device: the socket of its long poll. The simulators raise their own limits.
 FILES_PER_DEVICE = 1
 SPARE_FILES = 1000
+MIN_STATUS_POLL_SECONDS = 0.25
+MAX_STATUS_POLL_SECONDS = 2.0
 BARE_SCRIPT = Path(__file__).with_name("bare_workflow.py")
 
 
@@ -82,6 +84,17 @@ def write_update(directory: Path, heartbeat_timeout_seconds: int) -> Path:
     path = directory / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def status_poll_seconds(devices: int) -> float:
+    """Return how often to read the deployment's status: often for short rollouts, less for long ones.
+
+    Each read counts the devices by status, so at 10,000 devices four reads
+    a second would be load of their own; one every 2 s adds at most 2 s to a
+    rollout of many minutes.
+    """
+
+    return min(MAX_STATUS_POLL_SECONDS, max(MIN_STATUS_POLL_SECONDS, devices / 5000))
 
 
 def process_count(devices: int, requested: int | None) -> int:
@@ -145,7 +158,7 @@ def measure_rollout(size: int, arguments: argparse.Namespace, work_dir: Path) ->
             requested = time.monotonic()
             deployment = api.deploy(update_id, groups=[GROUP])
             timeout = arguments.timeout or ROLLOUT_TIMEOUT_SECONDS + ROLLOUT_SECONDS_PER_DEVICE * size
-            detail = wait_for_deployment(api, deployment["id"], timeout)
+            detail = wait_for_deployment(api, deployment["id"], timeout, status_poll_seconds(size))
             wall_seconds = time.monotonic() - requested
             after = sample_processes(pids)
             stack.check_running()

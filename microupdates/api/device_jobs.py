@@ -7,6 +7,7 @@ import logging
 import time
 from datetime import datetime, timedelta
 
+from sqlalchemy.orm import Session
 from temporalio.client import AsyncActivityCancelledError, AsyncActivityHandle, Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -28,7 +29,7 @@ from microupdates.protocol.device_api import (
     StageReport,
 )
 from microupdates.protocol.recipe import CommandStage, DeviceTimeouts, Recipe
-from microupdates.protocol.secret_references import referenced_secret_names
+from microupdates.protocol.secret_references import mask_report, recipe_command_texts, referenced_secret_names
 from microupdates.job_aborts import ABORTABLE_STAGES, end_queued_jobs, fail_job_aborted
 from microupdates.workflows.contracts import CheckInOutcome, StageOutcome
 
@@ -49,6 +50,8 @@ class DeviceJobs:
         self.notifier = notifier
         self.signer = signer
         self._recipes: dict[str, Recipe] = {}
+        # A deployment's update never changes, so neither do the secret names its recipe references.
+        self._secret_names: dict[str, list[str]] = {}
 
     async def check_in(self, device_id: str, wait_seconds: int) -> CheckInResponse:
         """Return the device's next job, waiting up to `wait_seconds` for one to be queued."""
@@ -97,12 +100,10 @@ class DeviceJobs:
                 await asyncio.to_thread(self._write, job_store.expire_job, row.id)
                 continue
 
-            await asyncio.to_thread(
-                self._write, deployment_store.mark_device_stage, row.deployment_id, device_id, row.stage
-            )
+            job = await asyncio.to_thread(self._hand_out, row)
             logger.info("Job %d (%s of deployment %s) handed to device %s", row.id, row.stage, row.deployment_id,
                         device_id, extra=log_fields(row))
-            return await asyncio.to_thread(self._build_job, row)
+            return job
 
     def claim_next_row(self, device_id: str, picked_up_before: datetime) -> StageJobRow | None:
         """Hand out the device's next job; of concurrent check-ins on any API process, exactly one gets it."""
@@ -151,8 +152,15 @@ class DeviceJobs:
             await asyncio.to_thread(self._write, job_store.mark_job_reported, row.id, {"status": "succeeded"})
         return completed
 
-    def _build_job(self, row: StageJobRow) -> StageJob:
-        recipe, timeouts = self._load_recipe(row.deployment_id)
+    def _hand_out(self, row: StageJobRow) -> StageJob:
+        """Record the stage the device is in and build its job, in one transaction."""
+
+        with self.database.session() as session:
+            deployment_store.mark_device_stage(session, row.deployment_id, row.device_id, row.stage)
+            return self._build_job(session, row)
+
+    def _build_job(self, session: Session, row: StageJobRow) -> StageJob:
+        recipe, timeouts = self._load_recipe(session, row.deployment_id)
         job = StageJob(
             job_id=row.id,
             deployment_id=row.deployment_id,
@@ -160,7 +168,7 @@ class DeviceJobs:
             update_version=recipe.version,
             stage=row.stage,
             progress_interval_seconds=progress_wait_seconds(timeouts),
-            sequence=self._next_sequence(row.device_id),
+            sequence=job_store.next_job_sequence(session, row.device_id),
             issued_at=utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         )
         if row.stage == "before":
@@ -175,29 +183,19 @@ class DeviceJobs:
             job.command = CommandStage(run=recipe.rollback.command,
                                        timeout_seconds=recipe.rollback.command_timeout_seconds)
         if job.command is not None:
-            job.secrets = self._load_secrets(referenced_secret_names([job.command.run]))
+            # A secret deleted since the deployment was created is left out; the
+            # agent then fails the stage with a message naming it.
+            names = referenced_secret_names([job.command.run])
+            job.secrets = secret_store.load_secret_values(session, names) if names else {}
         return job
 
-    def _next_sequence(self, device_id: str) -> int:
-        with self.database.session() as session:
-            return job_store.next_job_sequence(session, device_id)
-
-    def _load_secrets(self, names: list[str]) -> dict[str, str]:
-        # A secret deleted since the deployment was created is left out; the
-        # agent then fails the stage with a message naming it.
-        if not names:
-            return {}
-        with self.database.session() as session:
-            return secret_store.load_secret_values(session, names)
-
-    def _load_recipe(self, deployment_id: str) -> tuple[Recipe, DeviceTimeouts]:
+    def _load_recipe(self, session: Session, deployment_id: str) -> tuple[Recipe, DeviceTimeouts]:
         # Updates never change after creation, so their recipes are cached per process.
-        with self.database.session() as session:
-            deployment = deployment_store.load_deployment(session, deployment_id)
-            if deployment.update_id not in self._recipes:
-                self._recipes[deployment.update_id] = deployment_store.load_recipe(session, deployment.update_id)
-            recipe = self._recipes[deployment.update_id]
-            return recipe, deployment_store.effective_timeouts(deployment, recipe)
+        deployment = deployment_store.load_deployment(session, deployment_id)
+        if deployment.update_id not in self._recipes:
+            self._recipes[deployment.update_id] = deployment_store.load_recipe(session, deployment.update_id)
+        recipe = self._recipes[deployment.update_id]
+        return recipe, deployment_store.effective_timeouts(deployment, recipe)
 
     async def report_progress(self, device_id: str, job_id: int, wait_seconds: int) -> ProgressResponse:
         """Heartbeat the stage, then hold the request up to `wait_seconds`, responding at once on abort."""
@@ -245,6 +243,7 @@ class DeviceJobs:
         if row.state == "queued":
             raise ConflictError(f"Job {job_id} was never handed to this device; check in first.")
 
+        report = await asyncio.to_thread(self._mask_secrets, row.deployment_id, report)
         first_report = await asyncio.to_thread(self._store_report, row.id, report)
         if not first_report:
             row = await asyncio.to_thread(self._load_job, device_id, job_id)
@@ -270,6 +269,20 @@ class DeviceJobs:
         logger.info("Job %d (%s of deployment %s) on device %s reported %s", row.id, row.stage,
                     row.deployment_id, device_id, report.status, extra=log_fields(row))
         return "recorded" if first_report else "already recorded"
+
+    def _mask_secrets(self, deployment_id: str, report: StageReport) -> StageReport:
+        """Mask the values of the secrets the deployment's recipe references, in case the agent did not mask them."""
+
+        names = self._secret_names.get(deployment_id)
+        if names == []:
+            return report
+        with self.database.session() as session:
+            if names is None:
+                recipe, _ = self._load_recipe(session, deployment_id)
+                names = referenced_secret_names(recipe_command_texts(recipe))
+                self._secret_names[deployment_id] = names
+            values = secret_store.load_secret_values(session, names) if names else {}
+        return mask_report(report, values.values())
 
     def _store_report(self, job_id: int, report: StageReport) -> bool:
         with self.database.session() as session:

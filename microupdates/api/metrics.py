@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio import client as temporal_client
 
 from microupdates.api.job_notifier import JobNotifier
@@ -42,18 +43,46 @@ class ApiMetrics:
         self.long_polls.set_function(lambda: notifier.waiting_count)
 
     def install(self, app: FastAPI) -> None:
-        @app.middleware("http")
-        async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            started = time.monotonic()
-            response = await call_next(request)
-            template = route_template(request)
-            self.requests.labels(template, request.method, str(response.status_code)).inc()
-            self.request_seconds.labels(template, request.method).observe(time.monotonic() - started)
-            return response
+        app.add_middleware(RequestMetrics, metrics=self)
 
         @app.get("/metrics", include_in_schema=False)
         def read_metrics() -> Response:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class RequestMetrics:
+    """ASGI middleware that counts and times every HTTP request by route template, method and status.
+
+    A plain ASGI middleware rather than Starlette's `BaseHTTPMiddleware`,
+    which runs the route in a separate task and copies each response through
+    a stream; on a busy device API that cost a fifth of the process's time.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.monotonic()
+        # An exception that escapes the app becomes a 500 in the server error middleware outside this one.
+        status_code = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            template = route_template(scope)
+            self.metrics.requests.labels(template, scope["method"], str(status_code)).inc()
+            self.metrics.request_seconds.labels(template, scope["method"]).observe(time.monotonic() - started)
 
 
 # The client calls an API process makes or could make; each one is a request to the Temporal server.
@@ -90,22 +119,23 @@ def _counted(call: Callable, counter) -> Callable:
     return counting
 
 
-def route_template(request: Request) -> str:
+def route_template(scope: Scope) -> str:
     """Return the matched route's path template with its router prefix, such as /device/v1/jobs/{job_id}/report.
 
-    Templates, not paths, keep ids out of the label values. The route of an
-    included router contains only its own part of the path, so the prefix is
-    taken from the request path.
+    Templates, not paths, keep ids out of the label values. The router adds
+    the matched route and its path parameters to the request's scope. The
+    route of an included router contains only its own part of the path, so
+    the prefix is taken from the request path.
     """
 
-    route = request.scope.get("route")
-    template = getattr(route, "path", None)
+    template = getattr(scope.get("route"), "path", None)
     if template is None:
         return "unmatched"
+    path_params = scope.get("path_params", {})
     try:
-        rendered = template.format(**{name: str(value) for name, value in request.path_params.items()})
+        rendered = template.format(**{name: str(value) for name, value in path_params.items()})
     except (KeyError, IndexError, ValueError):
         return template
-    path = request.url.path
+    path = scope["path"]
     prefix = path[: len(path) - len(rendered)] if path.endswith(rendered) else ""
     return prefix + template

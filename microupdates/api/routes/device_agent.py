@@ -11,10 +11,8 @@ from fastapi.responses import FileResponse
 from microupdates.api.body_limits import HTTP_CONTENT_TOO_LARGE
 from microupdates.api.deps import CurrentDevice, State
 from microupdates.api.responses import error_responses
-from microupdates.db import deployments as deployment_store
 from microupdates.db import devices as device_store
 from microupdates.db import jobs as job_store
-from microupdates.db import secrets as secret_store
 from microupdates.db.models import Device
 from microupdates.errors import EnrolmentKeyRejectedError
 from microupdates.protocol.device_api import (
@@ -30,7 +28,6 @@ from microupdates.protocol.device_api import (
     StageReportResponse,
     TokenRotationResponse,
 )
-from microupdates.protocol.secret_references import mask_report, recipe_command_texts, referenced_secret_names
 from microupdates.api.schemas import check_label
 
 logger = logging.getLogger(__name__)
@@ -114,21 +111,8 @@ async def report_stage(job_id: int, body: StageReport, device: CurrentDevice, st
 
     for index, step in enumerate(body.steps):
         check_output_size(device.id, job_id, f"steps[{index}].output ({step.name})", step.output)
-    body = await asyncio.to_thread(mask_reported_secrets, state, device.id, job_id, body)
     detail = await state.device_jobs.report_result(device.id, job_id, body)
     return StageReportResponse(accepted=True, detail=detail)
-
-
-def mask_reported_secrets(state: State, device_id: str, job_id: int, report: StageReport) -> StageReport:
-    """Mask the values of the secrets the job's recipe references, in case the agent did not mask them itself."""
-
-    with state.database.session() as session:
-        job = job_store.load_device_job(session, job_id, device_id)
-        deployment = deployment_store.load_deployment(session, job.deployment_id)
-        recipe = deployment_store.load_recipe(session, deployment.update_id)
-        names = referenced_secret_names(recipe_command_texts(recipe))
-        values = secret_store.load_secret_values(session, names)
-    return mask_report(report, values.values())
 
 
 def check_output_size(device_id: str, job_id: int, field: str, output: str) -> None:
