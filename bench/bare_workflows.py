@@ -75,11 +75,9 @@ class BareParentWorkflow:
             )
             for number in numbers:
                 await workflow.wait_condition(lambda: self._running < parent.window)
-                handle = await workflow.start_child_workflow(
-                    BareChildWorkflow.run, number, id=f"{workflow.info().workflow_id}-child-{number}",
-                )
+                # As in the deployment workflow: the start is not awaited here, so many go out in one workflow task.
                 self._running += 1
-                asyncio.create_task(self._collect(handle))
+                asyncio.create_task(self._run_child(number))
                 next_index = number + 1
                 started_this_run += 1
 
@@ -95,7 +93,9 @@ class BareParentWorkflow:
         await workflow.wait_condition(lambda: self._running == 0)
         return self._completed
 
-    async def _collect(self, handle: workflow.ChildWorkflowHandle) -> None:
-        await handle
+    async def _run_child(self, number: int) -> None:
+        await workflow.execute_child_workflow(
+            BareChildWorkflow.run, number, id=f"{workflow.info().workflow_id}-child-{number}",
+        )
         self._completed += 1
         self._running -= 1

@@ -41,6 +41,9 @@ MAX_PROGRESS_WAIT_SECONDS = 20
 REHAND_MARGIN_SECONDS = 2.0
 MAX_CLAIM_ATTEMPTS = 5
 MAX_OUTCOME_ERROR_CHARS = 1000
+# Jobs whose latest heartbeat this process remembers; past this many, it forgets them all
+# (jobs of lost devices are never reported), and their next progress reports heartbeat again.
+MAX_TRACKED_HEARTBEATS = 100_000
 
 
 class DeviceJobs:
@@ -52,6 +55,8 @@ class DeviceJobs:
         self._recipes: dict[str, Recipe] = {}
         # A deployment's update never changes, so neither do the secret names its recipe references.
         self._secret_names: dict[str, list[str]] = {}
+        # Job id -> (monotonic time of its latest heartbeat, seconds within which a progress report skips one).
+        self._heartbeats: dict[int, tuple[float, float]] = {}
 
     async def check_in(self, device_id: str, wait_seconds: int) -> CheckInResponse:
         """Return the device's next job, waiting up to `wait_seconds` for one to be queued."""
@@ -101,6 +106,7 @@ class DeviceJobs:
                 continue
 
             job = await asyncio.to_thread(self._hand_out, row)
+            self._note_heartbeat(row.id, job.progress_interval_seconds / 2)
             logger.info("Job %d (%s of deployment %s) handed to device %s", row.id, row.stage, row.deployment_id,
                         device_id, extra=log_fields(row))
             return job
@@ -222,6 +228,8 @@ class DeviceJobs:
 
         if abortable and await asyncio.to_thread(self._abort_requested, row):
             return True
+        if self._heartbeat_is_recent(row.id):
+            return False
         handle = self.client.get_async_activity_handle(task_token=row.task_token)
         try:
             await handle.heartbeat()
@@ -232,7 +240,28 @@ class DeviceJobs:
                 raise
             await asyncio.to_thread(self._write, job_store.expire_job, row.id)
             raise ConflictError(f"Job {row.id} has ended on the server (timed out); stop it.") from error
+        if row.id in self._heartbeats:
+            self._note_heartbeat(row.id, self._heartbeats[row.id][1])
         return False
+
+    def _note_heartbeat(self, job_id: int, skip_seconds: float) -> None:
+        if len(self._heartbeats) >= MAX_TRACKED_HEARTBEATS:
+            self._heartbeats.clear()
+        self._heartbeats[job_id] = (time.monotonic(), skip_seconds)
+
+    def _heartbeat_is_recent(self, job_id: int) -> bool:
+        """Check whether this process heartbeat the job so lately that a progress report need not.
+
+        The agent's first progress report follows the hand-out, which
+        heartbeat the activity, within moments. Skipping heartbeats within
+        half the progress interval saves a Temporal write per stage. With a
+        progress report every interval (at most a third of the heartbeat
+        timeout), heartbeats stay less than half the timeout apart; the
+        Temporal SDKs throttle their own heartbeats in the same way.
+        """
+
+        latest = self._heartbeats.get(job_id)
+        return latest is not None and time.monotonic() - latest[0] < latest[1]
 
     async def report_result(self, device_id: str, job_id: int, report: StageReport) -> str:
         """Store the device's report and complete the activity; a repeated report changes nothing."""
@@ -243,6 +272,7 @@ class DeviceJobs:
         if row.state == "queued":
             raise ConflictError(f"Job {job_id} was never handed to this device; check in first.")
 
+        self._heartbeats.pop(row.id, None)
         report = await asyncio.to_thread(self._mask_secrets, row.deployment_id, report)
         first_report = await asyncio.to_thread(self._store_report, row.id, report)
         if not first_report:

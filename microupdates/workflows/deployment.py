@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ChildWorkflowError
+from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -78,6 +78,8 @@ with workflow.unsafe.imports_passed_through():
 
 DATABASE_ACTIVITY_TIMEOUT = timedelta(seconds=120)
 DATABASE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+# Marks executions that start each page's children without waiting for each start.
+CONCURRENT_CHILD_STARTS_PATCH = "concurrent-child-starts"
 DEVICE_PAGE_SIZE = 500
 # Each child adds about 10 events to this history (initiated, started,
 # completed, plus its share of the page activities); 2,000 children keep a run
@@ -397,7 +399,10 @@ class DeploymentWorkflow:
                 await self._wait_for_start_slot(deployment.max_concurrent_devices)
                 if self._aborted:
                     break
-                await self._start_device(deployment.deployment_id, device_id, plan, phase)
+                started = self._start_device(deployment.deployment_id, device_id, plan, phase)
+                if not workflow.patched(CONCURRENT_CHILD_STARTS_PATCH):
+                    # Executions begun by an older worker started one child per workflow task; replay keeps that.
+                    await started.wait()
                 self._last_started = device_id
                 started_this_run += 1
 
@@ -434,36 +439,56 @@ class DeploymentWorkflow:
                 await workflow.sleep(delay)
         self._progress.last_start_at = workflow.now().isoformat()
 
-    async def _start_device(self, deployment_id: str, device_id: str, plan: DeploymentPlan, phase: int) -> None:
-        handle = await workflow.start_child_workflow(
-            DeviceUpdateWorkflow.run,
-            DeviceUpdateInput(deployment_id, device_id, plan),
-            id=device_workflow_id(deployment_id, device_id),
-            # Reached only when this workflow is terminated: a cancel is handled as an abort first.
-            parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
-            static_summary=f"update {plan.update_version} on device {device_id}",
-            search_attributes=TypedSearchAttributes([
-                SearchAttributePair(search_attributes.DEPLOYMENT_ID, deployment_id),
-                SearchAttributePair(search_attributes.DEVICE_ID, device_id),
-                SearchAttributePair(search_attributes.UPDATE_VERSION, plan.update_version),
-                SearchAttributePair(search_attributes.TARGET_GROUPS, plan.target_groups),
-                SearchAttributePair(search_attributes.STATUS, "in_progress"),
-            ]),
-            static_details=f"deployment {deployment_id}, stages: {', '.join(plan.stages)}",
-        )
+    def _start_device(self, deployment_id: str, device_id: str, plan: DeploymentPlan, phase: int) -> asyncio.Event:
+        """Take a window slot for the device and run its child workflow in a task of its own.
+
+        The loop that calls this does not wait for the child to start, so the
+        starts of many devices go to the server in one workflow task instead
+        of one round trip each. The returned event is set once the start has
+        been answered.
+        """
+
         self._running += 1
         self._progress.phases[phase].started += 1
+        started = asyncio.Event()
         # Tasks on the workflow's own event loop are deterministic.
-        asyncio.create_task(self._collect(handle, device_id, phase))
+        asyncio.create_task(self._run_device(deployment_id, device_id, plan, phase, started))
+        return started
 
-    async def _collect(self, handle: workflow.ChildWorkflowHandle, device_id: str, phase: int) -> None:
+    async def _run_device(
+        self, deployment_id: str, device_id: str, plan: DeploymentPlan, phase: int, started: asyncio.Event
+    ) -> None:
         try:
+            handle = await workflow.start_child_workflow(
+                DeviceUpdateWorkflow.run,
+                DeviceUpdateInput(deployment_id, device_id, plan),
+                id=device_workflow_id(deployment_id, device_id),
+                # Reached only when this workflow is terminated: a cancel is handled as an abort first.
+                parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
+                static_summary=f"update {plan.update_version} on device {device_id}",
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(search_attributes.DEPLOYMENT_ID, deployment_id),
+                    SearchAttributePair(search_attributes.DEVICE_ID, device_id),
+                    SearchAttributePair(search_attributes.UPDATE_VERSION, plan.update_version),
+                    SearchAttributePair(search_attributes.TARGET_GROUPS, plan.target_groups),
+                    SearchAttributePair(search_attributes.STATUS, "in_progress"),
+                ]),
+                static_details=f"deployment {deployment_id}, stages: {', '.join(plan.stages)}",
+            )
+            started.set()
             result: DeviceUpdateResult = await handle
             status = result.status
+        except WorkflowAlreadyStartedError:
+            # Another execution holds the device's workflow id, so this deployment cannot update the device.
+            workflow.logger.warning("Device workflow for %s was already started; counting the device failed",
+                                    device_id)
+            status = "failed"
         except ChildWorkflowError as error:
             # A device workflow that fails outright is counted as a failed device, never fatal to the deployment.
             workflow.logger.warning("Device workflow for %s failed: %s", device_id, error)
             status = "failed"
+        finally:
+            started.set()
         self._outcome_counts[status] = self._outcome_counts.get(status, 0) + 1
         progress = self._progress.phases[phase]
         if status == DEVICE_SUCCEEDED:

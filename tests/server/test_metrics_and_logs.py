@@ -70,3 +70,41 @@ def test_json_logs_carry_ids_as_fields():
     assert entry["level"] == "WARNING"
     assert entry["deployment_id"] == "dep-1"
     assert entry["device_id"] == "gw-1"
+
+
+def test_first_progress_report_after_hand_out_sends_no_second_heartbeat(api, stack, tmp_path, unique_name):
+    # The device is driven by hand over HTTP, so no agent of another test sends requests meanwhile.
+    name = f"heartbeats-{unique_name}"
+    token = api.register_device(name, groups=[name])["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    recipe = {"version": "1.0.0", "targets": {"devices": [name]}, "before": {"run": "true"}}
+    update = api.create_update_from_file(write_recipe(tmp_path / "recipe", recipe))
+    deployment = api.deploy(update["id"])
+
+    job = None
+    for _ in range(10):
+        response = httpx.post(f"{stack.api_url}/device/v1/check-in", headers=headers, timeout=30,
+                              json={"agent_version": "test", "wait_seconds": 5})
+        assert response.status_code == 200, response.text
+        job = response.json()["job"]
+        if job is not None:
+            break
+    assert job is not None and job["stage"] == "before"
+    heartbeats = heartbeat_calls(stack)
+
+    progress = httpx.post(f"{stack.api_url}/device/v1/jobs/{job['job_id']}/progress", headers=headers, timeout=30,
+                          json={"output_tail": "", "wait_seconds": 0})
+    after_progress = heartbeat_calls(stack)
+    report = httpx.post(f"{stack.api_url}/device/v1/jobs/{job['job_id']}/report", headers=headers, timeout=30,
+                        json={"status": "succeeded", "exit_code": 0, "duration_seconds": 0.1, "steps": []})
+
+    assert progress.status_code == 200 and progress.json() == {"abort": False}
+    # The hand-out heartbeat the activity moments before, so the progress report did not.
+    assert after_progress == heartbeats
+    assert report.status_code == 200, report.text
+    assert wait_for_deployment(api, deployment["id"])["status"] == "succeeded"
+
+
+def heartbeat_calls(stack) -> float:
+    text = httpx.get(f"{stack.api_url}/metrics", timeout=10).text
+    return metric_value(text, "microupdates_api_temporal_calls_total", 'call="heartbeat_async_activity"')

@@ -298,6 +298,31 @@ async def test_deployment_updates_every_device_within_concurrency_limit(
     ]
 
 
+async def test_deployment_starts_a_full_window_of_children_in_one_workflow_task(
+    workflow_environment: WorkflowEnvironment, task_queue: str
+) -> None:
+    fleet = FakeFleet(12)
+    deployment_id = uuid.uuid4().hex
+
+    async with make_worker(workflow_environment.client, task_queue, fleet):
+        handle = await start_deployment(workflow_environment.client, task_queue, deployment_id, 8)
+        result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_SECONDS)
+    history = await handle.fetch_history()
+
+    assert result.outcome_counts == {"succeeded": 12}
+    # Each workflow task's commands follow its WorkflowTaskCompleted event, so
+    # count the child starts that each completed task issued.
+    starts_per_task: list[int] = []
+    for event in history.events:
+        if event.HasField("workflow_task_completed_event_attributes"):
+            starts_per_task.append(0)
+        elif event.HasField("start_child_workflow_execution_initiated_event_attributes"):
+            starts_per_task[-1] += 1
+    assert sum(starts_per_task) == 12
+    # The first page fills the window of 8 at once; one start per task would give [1, 1, 1, ...].
+    assert max(starts_per_task) == 8
+
+
 async def test_deployment_fails_when_some_devices_fail(
     workflow_environment: WorkflowEnvironment, task_queue: str
 ) -> None:
