@@ -90,8 +90,8 @@ def status_poll_seconds(devices: int) -> float:
     """Return how often to read the deployment's status: often for short rollouts, less for long ones.
 
     Each read counts the devices by status, so at 10,000 devices four reads
-    a second would be load of their own; one every 2 s adds at most 2 s to a
-    rollout of many minutes.
+    a second would add load of their own. One read every 2 s adds at most
+    2 s to a rollout of many minutes.
     """
 
     return min(MAX_STATUS_POLL_SECONDS, max(MIN_STATUS_POLL_SECONDS, devices / 5000))

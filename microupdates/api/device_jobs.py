@@ -41,8 +41,8 @@ MAX_PROGRESS_WAIT_SECONDS = 20
 REHAND_MARGIN_SECONDS = 2.0
 MAX_CLAIM_ATTEMPTS = 5
 MAX_OUTCOME_ERROR_CHARS = 1000
-# Jobs whose latest heartbeat this process remembers; past this many, it forgets them all
-# (jobs of lost devices are never reported), and their next progress reports heartbeat again.
+# Max jobs whose latest heartbeat this process tracks. Jobs of lost devices are never
+# reported, so at this size the table is cleared and those jobs' next progress reports heartbeat.
 MAX_TRACKED_HEARTBEATS = 100_000
 
 

@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 from microupdates.db.models import Device, DeviceGroup, DeviceTag, EnrolmentKey, is_stored_id, utc_now
 from microupdates.errors import ConflictError, EnrolmentKeyRejectedError, NotFoundError
 
-LAST_SEEN_WRITE_INTERVAL = timedelta(seconds=60)
+# A check-in writes last_seen_at only when the stored time is older than this. At the agent's
+# longest poll (60 s) a shorter interval would turn every idle check-in into a write.
+LAST_SEEN_WRITE_INTERVAL = timedelta(minutes=5)
 
 
 def hash_secret(secret: str) -> str:

@@ -445,7 +445,7 @@ class DeploymentWorkflow:
         The loop that calls this does not wait for the child to start, so the
         starts of many devices go to the server in one workflow task instead
         of one round trip each. The returned event is set once the start has
-        been answered.
+        been accepted or rejected by the server.
         """
 
         self._running += 1
