@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,6 +34,11 @@ STOP_TIMEOUT_SECONDS = 15.0
 KEY_COMMAND_TIMEOUT_SECONDS = 60.0
 ADMIN_KEY_NAME = "microupdates-stack"
 CLI_CONFIG_FILE = "cli-config.yaml"
+# Ports for free_port(): from here up to the start of the kernel's ephemeral range.
+FREE_PORT_MIN = 10000
+FREE_PORT_ATTEMPTS = 200
+DEFAULT_EPHEMERAL_START = 32768
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class StackError(RuntimeError):
@@ -52,9 +58,36 @@ def find_temporal_cli() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """Return a port on 127.0.0.1 that is free now, chosen below the kernel's ephemeral port range.
+
+    The Temporal dev server binds port 0 for its HTTP, metrics and internal
+    ports after the stack has chosen its own. The kernel may hand it a port
+    from the ephemeral range that the stack chose, and the worker or the API
+    then fails to bind it. Ports below that range are never handed out for
+    port 0.
+    """
+
+    lowest = ephemeral_range_start() - 1
+    for _ in range(FREE_PORT_ATTEMPTS):
+        port = random.randint(FREE_PORT_MIN, lowest)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise StackError(f"Found no free port between {FREE_PORT_MIN} and {lowest} in {FREE_PORT_ATTEMPTS} tries; "
+                     "choose the ports with the --*-port options.")
+
+
+def ephemeral_range_start() -> int:
+    """Return the first port of Linux's ephemeral range (32768 when /proc does not show it)."""
+
+    try:
+        first = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_EPHEMERAL_START
+    return max(first, FREE_PORT_MIN + FREE_PORT_ATTEMPTS)
 
 
 @dataclass
@@ -66,7 +99,12 @@ class StackPorts:
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(temporal=free_port(), temporal_ui=free_port(), api=free_port(), worker_metrics=free_port())
+        ports: list[int] = []
+        while len(ports) < 4:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        return cls(*ports)
 
 
 @dataclass

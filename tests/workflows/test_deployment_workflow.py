@@ -298,7 +298,7 @@ async def test_deployment_updates_every_device_within_concurrency_limit(
     ]
 
 
-async def test_deployment_starts_a_full_window_of_children_in_one_workflow_task(
+async def test_deployment_starts_window_in_one_task(
     workflow_environment: WorkflowEnvironment, task_queue: str
 ) -> None:
     fleet = FakeFleet(12)
