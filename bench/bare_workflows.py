@@ -75,7 +75,8 @@ class BareParentWorkflow:
             )
             for number in numbers:
                 await workflow.wait_condition(lambda: self._running < parent.window)
-                # As in the deployment workflow, the start is not awaited here, so many starts go out in one workflow task.
+                # As in the deployment workflow, the start is not awaited here, so many starts go out
+                # in one workflow task.
                 self._running += 1
                 asyncio.create_task(self._run_child(number))
                 next_index = number + 1

@@ -254,10 +254,10 @@ class DeviceJobs:
 
         The agent's first progress report follows the hand-out, which
         heartbeat the activity, within moments. Skipping heartbeats within
-        half the progress interval saves a Temporal write per stage. With a
-        progress report every interval (at most a third of the heartbeat
-        timeout), heartbeats stay less than half the timeout apart; the
-        Temporal SDKs throttle their own heartbeats in the same way.
+        half the progress interval saves a Temporal write per stage. The agent
+        sends a progress report every interval, at most a third of the
+        heartbeat timeout, so heartbeats stay less than half the timeout
+        apart. The Temporal SDKs throttle their own heartbeats in the same way.
         """
 
         latest = self._heartbeats.get(job_id)

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import httpx
@@ -100,7 +100,7 @@ class StackPorts:
     @classmethod
     def free(cls) -> StackPorts:
         ports: list[int] = []
-        while len(ports) < 4:
+        while len(ports) < len(fields(cls)):
             port = free_port()
             if port not in ports:
                 ports.append(port)

@@ -479,7 +479,7 @@ class DeploymentWorkflow:
             result: DeviceUpdateResult = await handle
             status = result.status
         except WorkflowAlreadyStartedError:
-            # Another execution holds the device's workflow id, so this deployment cannot update the device.
+            # Another execution has the device's workflow id, so this deployment cannot update the device.
             workflow.logger.warning("Device workflow for %s was already started; counting the device failed",
                                     device_id)
             status = "failed"
